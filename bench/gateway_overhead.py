@@ -1,0 +1,192 @@
+"""Keel's added latency and memory, measured against the fake upstream on this machine.
+
+Two phases, each run in one invocation so the baseline shares the machine's noise:
+
+1. Latency: the same closed-loop load (``--concurrency`` connections, non-streaming chat) goes straight to the fake
+   upstream (the baseline) and through Keel, in alternating rounds. The fake answers after ``--delay-ms`` to
+   stand in for a model; the figure that matters is the difference between the two latency distributions.
+2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete.
+
+Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs). Keel runs with its default
+pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def load(url: str, body: bytes, total: int, concurrency: int) -> list[float]:
+    """Closed loop: ``concurrency`` workers each send a request as soon as their previous one finishes."""
+    latencies: list[float] = []
+    remaining = total
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as s:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                async with s.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{url} answered {r.status}")
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--delay-ms", type=float, default=50.0, help="the fake upstream's answer time")
+    ap.add_argument("--requests", type=int, default=3000, help="per round and target")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--soak", type=int, default=100_000, help="requests for the memory phase (0 to skip)")
+    args = ap.parse_args()
+
+    up_port, slow_port, keel_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "keel.yaml"
+        cfg.write_text(
+            "logging: {level: info, format: json, requests: true}\n"
+            "server: {upstream_connections: 256}\n"
+            "models:\n"
+            f"  - {{name: bench, model: m, api_base: 'http://127.0.0.1:{slow_port}/v1', api_key: k}}\n"
+            f"  - {{name: fast, model: m, api_base: 'http://127.0.0.1:{up_port}/v1', api_key: k}}\n"
+        )
+        fake = [str(BIN / "python"), "-m", "keel.testing.fake_upstream", "--no-record"]
+        procs.append(subprocess.Popen([*fake, "--port", str(slow_port), "--delay-s", str(args.delay_ms / 1000)]))
+        procs.append(subprocess.Popen([*fake, "--port", str(up_port)]))
+        keel = subprocess.Popen(
+            [str(BIN / "keel"), "serve", "--config", str(cfg), "--port", str(keel_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(keel)
+        try:
+            await wait_ready(f"http://127.0.0.1:{slow_port}/v1/models")
+            await wait_ready(f"http://127.0.0.1:{up_port}/v1/models")
+            await wait_ready(f"http://127.0.0.1:{keel_port}/health")
+            await run_phases(args, slow_port, up_port, keel_port, keel.pid)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+async def run_phases(args: argparse.Namespace, slow_port: int, up_port: int, keel_port: int, keel_pid: int) -> None:
+    messages = [
+        {"role": "system", "content": "You are a phone expert."},
+        {"role": "user", "content": "Which phone has the biggest battery in 2024?"},
+    ]
+    direct_url = f"http://127.0.0.1:{slow_port}/v1/chat/completions"
+    keel_url = f"http://127.0.0.1:{keel_port}/v1/chat/completions"
+    direct_body = orjson.dumps({"model": "m", "messages": messages})
+    keel_body = orjson.dumps({"model": "bench", "messages": messages})
+
+    print(
+        f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; concurrency {args.concurrency}; "
+        f"fake upstream answers in {args.delay_ms:g} ms"
+    )
+    await load(keel_url, keel_body, 500, args.concurrency)  # warm-up: connections, caches, JIT-free but lazy paths
+    await load(direct_url, direct_body, 500, args.concurrency)
+    direct: list[float] = []
+    via: list[float] = []
+    for r in range(args.rounds):
+        d = await load(direct_url, direct_body, args.requests, args.concurrency)
+        k = await load(keel_url, keel_body, args.requests, args.concurrency)
+        direct += d
+        via += k
+        print(f"  round {r + 1}: direct p50 {pct(d, 50):.2f} ms, via Keel p50 {pct(k, 50):.2f} ms")
+    print(f"\nlatency over {len(via)} requests each (ms)")
+    print(f"{'':>12} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
+    for name, values in (("direct", direct), ("via Keel", via)):
+        print(
+            f"{name:>12} {pct(values, 50):8.2f} {pct(values, 90):8.2f} {pct(values, 99):8.2f} "
+            f"{statistics.fmean(values):8.2f}"
+        )
+    print(
+        f"{'added':>12} {pct(via, 50) - pct(direct, 50):8.2f} {pct(via, 90) - pct(direct, 90):8.2f} "
+        f"{pct(via, 99) - pct(direct, 99):8.2f} {statistics.fmean(via) - statistics.fmean(direct):8.2f}"
+    )
+
+    if args.soak:
+        fast_body = orjson.dumps({"model": "fast", "messages": messages})
+        step = max(1, args.soak // 10)
+        await load(keel_url, fast_body, 2000, args.concurrency)
+        base = rss_kib(keel_pid)
+        print(f"\nmemory: {args.soak} requests through Keel (upstream answers at once); Keel RSS in MiB")
+        print(f"  after warm-up: {base / 1024:.1f}")
+        done = 0
+        t0 = time.perf_counter()
+        samples = []
+        while done < args.soak:
+            await load(keel_url, fast_body, step, args.concurrency)
+            done += step
+            samples.append(rss_kib(keel_pid))
+            print(f"  {done:>7} requests: {samples[-1] / 1024:.1f}  ({done / (time.perf_counter() - t0):.0f} req/s)")
+        print(
+            f"  growth over the soak: {(samples[-1] - base) / 1024:+.1f} MiB; over its second half: "
+            f"{(samples[-1] - samples[len(samples) // 2 - 1]) / 1024:+.1f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

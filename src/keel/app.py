@@ -1,0 +1,89 @@
+"""The FastAPI application factory: builds the backends from config, mounts the routes, owns their lifetimes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from keel.api import health, openai
+from keel.api.http import RequestIdMiddleware, error_response
+from keel.api.state import AppState
+from keel.config import KeelConfig, load_config
+from keel.errors import InvalidRequest, KeelError
+from keel.llm.registry import build_provider
+from keel.llm.router import Router
+from keel.observe.logs import setup_logging
+from keel.pipeline import Pipeline
+
+__all__ = ["app_factory", "create_app"]
+
+log = logging.getLogger("keel.app")
+
+
+def create_app(config: KeelConfig) -> FastAPI:
+    """An app for ``config``. Backends start in the lifespan, so building the app does no I/O."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        setup_logging(config.logging)
+        connector = aiohttp.TCPConnector(
+            limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+        router = Router(config, lambda d: build_provider(d, session))
+        app.state.keel = AppState(
+            config=config, session=session, router=router, pipeline=Pipeline([], router), started=int(time.time())
+        )
+        log.info("keel ready", extra={"fields": {"models": router.names}})
+        try:
+            yield
+        finally:
+            await router.aclose()
+            await session.close()
+
+    app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        err = KeelError(str(exc.detail), status=exc.status_code)
+        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        if exc.status_code == 404:
+            err.message = f"Unknown path {request.url.path}; see /docs for the API."
+        elif exc.status_code == 405:
+            err.message = f"Method {request.method} is not allowed on {request.url.path}."
+        return error_response(err, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return error_response(InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}.", param=param))
+
+    @app.exception_handler(KeelError)
+    async def keel_error(request: Request, exc: KeelError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        rid = getattr(request.state, "request_id", "-")
+        log.exception("unhandled error", extra={"fields": {"request_id": rid, "path": request.url.path}})
+        return error_response(KeelError(f"Internal error; the request id {rid} identifies it in the server logs."))
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for ``uvicorn --factory`` and worker processes: the config named by ``KEEL_CONFIG``."""
+    return create_app(load_config())

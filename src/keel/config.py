@@ -1,0 +1,365 @@
+"""Keel's configuration: the one place settings, defaults and their validation live.
+
+One YAML file, with ``${VAR}`` / ``${VAR:-default}`` interpolated from the environment in string values
+(``$${`` escapes a literal ``${``). :func:`load_config` validates everything at start and raises
+:class:`ConfigError` with one line per problem, naming the key and how to fix it.
+
+A minimal file::
+
+    models:
+      - name: smart                     # the name clients send as "model"
+        provider: openai                # openai (any OpenAI-compatible server) | anthropic | local
+        model: gpt-4o-mini              # the upstream's model id
+        api_base: ${OPENAI_BASE_URL:-https://api.openai.com/v1}
+        api_key: ${OPENAI_API_KEY:-}
+        timeout_s: 30
+        max_retries: 2
+        fallbacks: [cheap]
+
+A public name may list several ``deployments`` (the same model at several bases or keys) with ``weight``s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "CooldownConfig",
+    "Deployment",
+    "DeploymentSpec",
+    "KeelConfig",
+    "LocalModelConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "Price",
+    "ServerConfig",
+    "default_config_path",
+    "load_config",
+]
+
+DEFAULT_API_BASES = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
+BUILTIN_PROVIDERS = ("openai", "anthropic", "local")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``str()`` lists every problem with its fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class CooldownConfig(_Strict):
+    """Circuit breaker per deployment: after ``failures`` retryable failures within ``window_s``, skip the
+    deployment for ``cooldown_s`` (then let one trial request through)."""
+
+    failures: int = Field(default=3, ge=1)
+    window_s: float = Field(default=30.0, gt=0)
+    cooldown_s: float = Field(default=30.0, ge=0)
+
+
+class LocalModelConfig(_Strict):
+    """Settings for ``provider: local`` (llama.cpp in process). ``model`` on the deployment names a shipped model
+    unless ``path`` points at a GGUF file of your own."""
+
+    path: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    threads: int | None = Field(default=None, ge=1)
+    context_window: int = Field(default=4096, ge=256)
+    max_output_tokens: int = Field(default=512, ge=1)
+    max_queue: int = Field(default=8, ge=1)
+    queue_timeout_s: float = Field(default=120.0, gt=0)
+
+
+class DeploymentSpec(_Strict):
+    """One concrete upstream for a public model name."""
+
+    provider: str = "openai"
+    model: str
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    weight: float = Field(default=1.0, gt=0)
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    local: LocalModelConfig | None = None
+
+
+class ModelConfig(_Strict):
+    """A public model name and how to reach it. Either the single-deployment fields (``provider``, ``model``,
+    ``api_base``, ``api_key``) or a ``deployments`` list."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    provider: str | None = None
+    model: str | None = None
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    local: LocalModelConfig | None = None
+    deployments: list[DeploymentSpec] = Field(default_factory=list)
+
+    timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_token_timeout_s: float | None = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.25, ge=0)
+    retry_max_backoff_s: float = Field(default=8.0, ge=0)
+    max_retry_after_s: float = Field(default=30.0, ge=0)
+    cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+    fallbacks: list[str] = Field(default_factory=list)
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+    context_window: int | None = Field(default=None, ge=1)
+    price: Price | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ModelConfig:
+        inline = self.model is not None or self.provider is not None or self.api_base is not None
+        if self.deployments and inline:
+            raise ValueError("give either provider/model/api_base inline or a `deployments` list, not both")
+        if not self.deployments and self.model is None:
+            raise ValueError("missing `model` (the upstream's model id), or a `deployments` list")
+        return self
+
+    def resolved_deployments(self) -> list[Deployment]:
+        specs = self.deployments or [
+            DeploymentSpec(
+                provider=self.provider or "openai",
+                model=self.model or "",
+                api_base=self.api_base,
+                api_key=self.api_key,
+                extra_headers=self.extra_headers,
+                local=self.local,
+            )
+        ]
+        out = []
+        for i, spec in enumerate(specs):
+            did = self.name if len(specs) == 1 else f"{self.name}#{i}"
+            api_base = spec.api_base or DEFAULT_API_BASES.get(spec.provider)
+            key = spec.api_key.get_secret_value() if spec.api_key else None
+            out.append(
+                Deployment(
+                    id=did,
+                    public_name=self.name,
+                    provider=spec.provider,
+                    model=spec.model,
+                    api_base=api_base.rstrip("/") if api_base else None,
+                    api_key=key or None,
+                    weight=spec.weight,
+                    extra_headers=spec.extra_headers,
+                    local=spec.local,
+                    context_window=self.context_window,
+                )
+            )
+        return out
+
+
+class Deployment(BaseModel):
+    """A resolved deployment, what a provider is built from. ``id`` is unique across the config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    public_name: str
+    provider: str
+    model: str
+    api_base: str | None
+    api_key: str | None = Field(default=None, repr=False)
+    weight: float = 1.0
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    local: LocalModelConfig | None = None
+    context_window: int | None = None
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    upstream_connections: int = Field(default=512, ge=1)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    requests: bool = True
+
+
+class KeelConfig(_Strict):
+    """The whole file."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for m in models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} is listed twice; public names must be unique")
+            seen.add(m.name)
+        return models
+
+    @model_validator(mode="after")
+    def _references(self) -> KeelConfig:
+        names = [m.name for m in self.models]
+        problems = []
+        for i, m in enumerate(self.models):
+            for kind in ("fallbacks", "context_window_fallbacks"):
+                for target in getattr(m, kind):
+                    if target not in names:
+                        problems.append(f"models[{i}].{kind}: unknown model {target!r}{_suggest(target, names)}")
+                    elif target == m.name:
+                        problems.append(f"models[{i}].{kind}: a model cannot fall back to itself")
+            for d in m.resolved_deployments():
+                if d.provider not in _known_providers():
+                    known = ", ".join(sorted(_known_providers()))
+                    hint = _suggest(d.provider, _known_providers())
+                    problems.append(f"models[{i}].provider: unknown provider {d.provider!r}{hint} (known: {known})")
+                if d.provider == "local" and d.api_base:
+                    problems.append(f"models[{i}].api_base: a local model has no api_base; remove it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def _known_providers() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return set(BUILTIN_PROVIDERS) | {ep.name for ep in entry_points(group="keel.providers")}
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` (default when unset or empty) and ``${VAR-default}`` (when unset)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        name, op, default = m.group(1), m.group(2), m.group(3) or ""
+        current = env.get(name)
+        if op == ":-":
+            return current if current else default
+        if op == "-":
+            return current if current is not None else default
+        if current is None:
+            raise ConfigError(f"environment variable {name} is not set; set it, or write ${{{name}:-default}}")
+        return current
+
+    return _VAR.sub(sub, value)
+
+
+def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [_interpolate_tree(v, env) for v in node]
+    if isinstance(node, dict):
+        return {k: _interpolate_tree(v, env) for k, v in node.items()}
+    return node
+
+
+def default_config_path() -> Path:
+    """``KEEL_CONFIG`` if set, else the sample app's config in this checkout."""
+    env = os.environ.get("KEEL_CONFIG")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "examples" / "phone-assistant" / "keel.yaml"
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> KeelConfig:
+    """Read, interpolate and validate a config file. Raises :class:`ConfigError` naming every problem."""
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"{p}: cannot read config file ({exc.strerror}); pass --config FILE or set KEEL_CONFIG"
+        ) from None
+    return parse_config(text, source=str(p), env=env)
+
+
+def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> KeelConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (server, models, ...)")
+    data = _interpolate_tree(raw, os.environ if env is None else env)
+    try:
+        return KeelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid configuration:\n" + _explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = _loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            parent = _model_at(err["loc"][:-1])
+            hint = _suggest(key, parent.model_fields) if parent else ""
+            lines.append(f"  - {loc}: unknown key{hint}; remove it or check the spelling")
+        elif err["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing; add it")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc or 'top level'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Which model class sits at a validation location, to suggest the right key names."""
+    model: type[BaseModel] = KeelConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model

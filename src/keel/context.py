@@ -1,0 +1,95 @@
+"""``RequestContext``: the one object that travels through the pipeline. Stages read and write it; nothing
+else is threaded through function arguments. ``finish()`` runs the work deferred by stages (spend settlement,
+log line, metrics) once the response is complete, which for a stream is when its last byte has gone out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel.errors import KeelError
+
+__all__ = ["Attempt", "RequestContext"]
+
+log = logging.getLogger("keel.pipeline")
+
+_background: set[asyncio.Task[None]] = set()
+
+Deferred = Callable[["RequestContext"], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call to one deployment."""
+
+    deployment: str
+    outcome: str  # "ok" | an error code such as "upstream_timeout"
+    ms: float
+    status: int | None = None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    route: str
+    body: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    public_model: str | None = None
+    deployment: str | None = None
+    upstream_model: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    fallback_from: str | None = None
+
+    usage: dict[str, Any] | None = None
+    usage_estimated: bool = False
+    ttft_ms: float | None = None
+    upstream_ms: float = 0.0
+    chunks: int = 0
+
+    status: int = 200
+    outcome: str = "ok"
+    error: KeelError | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    _deferred: list[Deferred] = field(default_factory=list)
+    _finished: bool = False
+
+    def defer(self, fn: Deferred) -> None:
+        """Run ``fn(ctx)`` when the response is complete (in reverse order of registration)."""
+        self._deferred.append(fn)
+
+    def fail(self, error: KeelError, outcome: str = "error") -> None:
+        self.error = error
+        self.status = error.status
+        self.outcome = outcome
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def finish_soon(self) -> None:
+        """``finish()`` in a task of its own, for paths being cancelled (client disconnects)."""
+        task = asyncio.get_running_loop().create_task(self.finish())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def finish(self) -> None:
+        """Run deferred work once; a failing hook is logged and never hides the others."""
+        if self._finished:
+            return
+        self._finished = True
+        while self._deferred:
+            fn = self._deferred.pop()
+            try:
+                result = fn(self)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("deferred hook %r failed for request %s", fn, self.request_id)

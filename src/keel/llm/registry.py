@@ -1,0 +1,29 @@
+"""Provider registry. Built-in wire interfaces register through the same ``keel.providers`` entry points a
+third-party plugin uses, so adding a provider never edits the router or the pipeline."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+import aiohttp
+
+from keel.config import ConfigError, Deployment
+from keel.llm.base import Provider
+
+__all__ = ["build_provider", "provider_class"]
+
+
+@cache
+def provider_class(name: str) -> Any:
+    for ep in entry_points(group="keel.providers"):
+        if ep.name == name:
+            return ep.load()
+    known = ", ".join(sorted(ep.name for ep in entry_points(group="keel.providers")))
+    raise ConfigError(f"unknown provider {name!r} (installed: {known}); install its plugin or fix `provider:`")
+
+
+def build_provider(deployment: Deployment, session: aiohttp.ClientSession) -> Provider:
+    provider: Provider = provider_class(deployment.provider)(deployment, session)
+    return provider

@@ -1,0 +1,1 @@
+"""Logs, metrics and (later) traces. Nothing here may block the request path."""

@@ -1,0 +1,51 @@
+"""Prometheus metrics. With several workers, ``keel serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a shared
+directory before the workers start, and ``/metrics`` aggregates every worker's values."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+from keel.context import RequestContext
+
+__all__ = ["CONTENT_TYPE_LATEST", "observe_request", "render"]
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+REQUESTS = Counter("keel_requests_total", "Requests answered", ["route", "model", "status"])
+DURATION = Histogram("keel_request_duration_seconds", "Time to the last byte", ["route", "model"], buckets=_LATENCY)
+OVERHEAD = Histogram(
+    "keel_overhead_seconds",
+    "Time Keel adds to a request (total minus upstream attempts)",
+    ["route"],
+    buckets=_OVERHEAD,
+)
+TTFT = Histogram("keel_time_to_first_token_seconds", "Streams: time to the first chunk", ["model"], buckets=_LATENCY)
+ATTEMPTS = Counter("keel_upstream_attempts_total", "Calls to upstream deployments", ["deployment", "outcome"])
+TOKENS = Counter("keel_tokens_total", "Tokens reported by upstreams", ["model", "kind"])
+
+
+def observe_request(ctx: RequestContext, total_ms: float) -> None:
+    model = ctx.public_model or "-"
+    REQUESTS.labels(ctx.route, model, str(ctx.status)).inc()
+    DURATION.labels(ctx.route, model).observe(total_ms / 1000)
+    OVERHEAD.labels(ctx.route).observe(max(0.0, total_ms - ctx.upstream_ms) / 1000)
+    if ctx.ttft_ms is not None:
+        TTFT.labels(model).observe(ctx.ttft_ms / 1000)
+    for a in ctx.attempts:
+        ATTEMPTS.labels(a.deployment, a.outcome).inc()
+    if ctx.usage:
+        for kind in ("prompt_tokens", "completion_tokens"):
+            n = ctx.usage.get(kind)
+            if isinstance(n, int) and n > 0:
+                TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+
+
+def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
