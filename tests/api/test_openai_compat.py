@@ -205,3 +205,32 @@ async def test_health_ready_metrics(keel: Keel) -> None:
             text = await resp.text()
     assert 'keel_requests_total{model="smart",route="openai.chat",status="200"}' in text
     assert "keel_overhead_seconds_bucket" in text
+
+
+ANTHROPIC = """
+  - name: claude
+    provider: anthropic
+    model: claude-test
+    api_base: {fake_root}
+    api_key: sk-ant-test
+"""
+
+
+def test_anthropic_upstream_through_openai_api(keel: Keel, fake: FakeUpstreamThread) -> None:
+    server = keel(ANTHROPIC)
+    c = client(server)
+    result = c.chat.completions.create(
+        model="claude",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pixel or iPhone?"}],
+        max_tokens=50,
+    )
+    assert result.choices[0].message.content == "Echo: Pixel or iPhone?"
+    assert result.usage is not None and result.usage.completion_tokens > 0
+    sent = fake.requests[-1]
+    assert sent["path"] == "/v1/messages"
+    assert sent["body"]["system"] == "Be brief." and sent["body"]["model"] == "claude-test"
+    chunks = list(
+        c.chat.completions.create(model="claude", messages=[{"role": "user", "content": "stream it"}], stream=True)
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Echo: stream it"
+    assert chunks[-1].usage is not None

@@ -115,7 +115,7 @@ _STEP_KEYS: Final = frozenset(
     }
 )
 
-Frame = tuple[bytes, bool]
+_Frame = tuple[bytes, bool]
 """One stream event's bytes, and whether it carries content (counts as a chunk for cuts and chunk delays)."""
 
 
@@ -155,6 +155,11 @@ def _opt_float(raw: Mapping[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _opt_str(raw: Mapping[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    return None if value is None else str(value)
+
+
 def _header_value(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else str(seconds)
 
@@ -179,6 +184,8 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
     if unknown:
         raise ValueError(f"unknown step keys: {sorted(unknown)}")
     usage = raw.get("usage") or {}
+    if not isinstance(usage, Mapping):
+        raise ValueError(f"usage must be an object, not {usage!r}")
     headers = {}
     if (retry_after := _opt_float(raw, "retry_after")) is not None:
         headers["Retry-After"] = _header_value(retry_after)
@@ -186,14 +193,14 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
         headers["retry-after-ms"] = _header_value(retry_after_ms)
     cut = raw.get("cut_after_chunks")
     step = _Step(
-        content=None if raw.get("content") is None else str(raw["content"]),
+        content=_opt_str(raw, "content"),
         tool_calls=tuple(_parse_tool_call(call) for call in raw.get("tool_calls") or ()),
         prompt_tokens=None if usage.get("prompt_tokens") is None else int(usage["prompt_tokens"]),
         completion_tokens=None if usage.get("completion_tokens") is None else int(usage["completion_tokens"]),
         status=None if raw.get("status") is None else int(raw["status"]),
-        message=raw.get("message"),
-        error_type=raw.get("type"),
-        code=raw.get("code"),
+        message=_opt_str(raw, "message"),
+        error_type=_opt_str(raw, "type"),
+        code=_opt_str(raw, "code"),
         error_headers=headers or None,
         context_length_exceeded=bool(raw.get("context_length_exceeded")),
         delay_s=_opt_float(raw, "delay_s"),
@@ -293,7 +300,7 @@ class _Dialect(Protocol):
 
     def message(self, model: str, reply: _Reply) -> bytes: ...
 
-    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[Frame]: ...
+    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[_Frame]: ...
 
 
 def _openai_error_kind(status: int) -> tuple[str, str | None]:
@@ -362,7 +369,7 @@ class _OpenAI:
             }
         )
 
-    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[Frame]:
+    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[_Frame]:
         stream_options = body.get("stream_options")
         include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
         head: dict[str, Any] = {
@@ -388,7 +395,7 @@ class _OpenAI:
             deltas.append({"content": ""})
         deltas[0] = {"role": "assistant", **deltas[0]}
         last = len(deltas) - 1
-        frames: list[Frame] = [
+        frames: list[_Frame] = [
             (
                 b"data: "
                 + orjson.dumps(
@@ -471,7 +478,7 @@ class _Anthropic:
             }
         )
 
-    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[Frame]:
+    def frames(self, model: str, reply: _Reply, body: Mapping[str, Any]) -> list[_Frame]:
         message: dict[str, Any] = {
             "id": _new_id("msg_"),
             "type": "message",
@@ -482,7 +489,7 @@ class _Anthropic:
             "stop_sequence": None,
             "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": 1},
         }
-        frames: list[Frame] = [(_event(b"message_start", {"type": "message_start", "message": message}), False)]
+        frames: list[_Frame] = [(_event(b"message_start", {"type": "message_start", "message": message}), False)]
         blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         if reply.chunks or not reply.tool_calls:
             blocks.append(({"type": "text", "text": ""}, [{"type": "text_delta", "text": c} for c in reply.chunks]))
@@ -510,7 +517,7 @@ _OPENAI: Final = _OpenAI()
 _ANTHROPIC: Final = _Anthropic()
 
 
-def _cut_index(frames: Sequence[Frame], after: int) -> int:
+def _cut_index(frames: Sequence[_Frame], after: int) -> int:
     """Where a stream cut after ``after`` content chunks stops: before the next chunk, or before the closing events."""
     content = [i for i, (_, is_content) in enumerate(frames) if is_content]
     if after < len(content):
@@ -719,7 +726,7 @@ class FakeUpstream:
         return _json(200, dialect.message(model, reply))
 
     async def _stream(
-        self, request: web.Request, dialect: _Dialect, frames: list[Frame], step: _Step
+        self, request: web.Request, dialect: _Dialect, frames: list[_Frame], step: _Step
     ) -> web.StreamResponse:
         if step.malformed:
             first_content = next((i for i, (_, is_content) in enumerate(frames) if is_content), 0)
