@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from helpers import KeelServer
 from keel.config import parse_config
 from keel.testing.fake_upstream import FakeUpstreamThread
+
+pytest_plugins = ["fixtures.postgres_server", "fixtures.redis_server"]
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +33,16 @@ def config_text(fake_url: str, models: str) -> str:
 
 
 @pytest.fixture
-def keel(fake: FakeUpstreamThread) -> Iterator[Callable[..., KeelServer]]:
-    """``keel(models_yaml, **top_level)`` starts a Keel whose config is ``models_yaml`` with ``{fake}`` replaced
-    by the fake upstream's OpenAI base URL. Servers stop at the end of the test."""
+def keel(fake: FakeUpstreamThread, tmp_path: Path) -> Iterator[Callable[..., KeelServer]]:
+    """``keel(models_yaml, extra=top_level_yaml)`` starts a Keel whose config is ``models_yaml`` with ``{fake}``
+    replaced by the fake upstream's OpenAI base URL, on a fresh SQLite file unless ``extra`` names a
+    ``database_url``. Servers stop at the end of the test."""
     servers: list[KeelServer] = []
 
     def start(models: str, extra: str = "") -> KeelServer:
-        text = (
-            "logging: {level: warning, requests: true}\n" + extra + "\nmodels:\n" + config_text(fake.base_url, models)
-        )
+        if "database_url" not in extra:
+            extra += f"\ndatabase_url: sqlite+aiosqlite:///{tmp_path}/keel-{len(servers)}.db"
+        text = "logging: {level: warning}\n" + extra + "\nmodels:\n" + config_text(fake.base_url, models)
         server = KeelServer(parse_config(text, env={})).start()
         servers.append(server)
         return server

@@ -68,5 +68,5 @@ def test_serve_with_two_workers(tmp_path: Path, fake: FakeUpstreamThread, port: 
         assert answers == {f"Echo: q{i}" for i in range(20)}
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}" in out and "2 workers" in out

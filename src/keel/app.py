@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI
@@ -14,15 +15,22 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from keel.api import health, openai
+from keel.api import admin, health, openai
 from keel.api.http import RequestIdMiddleware, error_response
 from keel.api.state import AppState
 from keel.config import KeelConfig, load_config
 from keel.errors import InvalidRequest, KeelError
+from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
 from keel.observe.logs import setup_logging
-from keel.pipeline import Pipeline
+from keel.pipeline import Pipeline, Stage
+from keel.pipeline.accounting import Accounting
+from keel.pipeline.admission import AdmissionStage, EmergencyMode
+from keel.pipeline.auth import Authenticator, AuthStage
+from keel.state import counters_from_url
+from keel.store import Database, KeyRepository, ScopeLimitsRepository, SpendRepository, default_sqlite_url
+from keel.store.writer import BatchWriter
 
 __all__ = ["app_factory", "create_app"]
 
@@ -35,24 +43,71 @@ def create_app(config: KeelConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         setup_logging(config.logging)
+        db = Database.from_url(config.database_url or default_sqlite_url())
+        await db.migrate()
+        counters = counters_from_url(config.redis_url)
+        keys, limits, spend = KeyRepository(db), ScopeLimitsRepository(db), SpendRepository(db)
+        ledger: BatchWriter[dict[str, Any]] = BatchWriter(
+            spend.insert_many,
+            interval_s=config.accounting.flush_interval_s,
+            max_batch=config.accounting.max_batch,
+            name="spend ledger",
+        )
+        await ledger.start()
+        master = config.auth.master_key.get_secret_value() if config.auth.master_key else None
+        auth = Authenticator(master, keys, limits, config.auth.key_cache_ttl_s)
+        prices = PriceBook(config.models)
+        cap = config.budgets.global_daily_usd
+        emergency = EmergencyMode(counters, round(cap * 1_000_000) if cap else None)
         connector = aiohttp.TCPConnector(
             limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
         )
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
         router = Router(config, lambda d: build_provider(d, session))
+        stages: list[Stage] = [AuthStage(auth), AdmissionStage(config, counters, prices, spend, emergency)]
         app.state.keel = AppState(
-            config=config, session=session, router=router, pipeline=Pipeline([], router), started=int(time.time())
+            config=config,
+            session=session,
+            router=router,
+            pipeline=Pipeline(stages, router),
+            started=int(time.time()),
+            db=db,
+            counters=counters,
+            keys=keys,
+            limits=limits,
+            spend=spend,
+            ledger=ledger,
+            auth=auth,
+            emergency=emergency,
+            accounting=Accounting(prices, ledger),
         )
-        log.info("keel ready", extra={"fields": {"models": router.names}})
+        for deployment in prices.unpriced():
+            log.warning(
+                "no price for deployment %s: its cost is reported as unknown; set `price` in the config", deployment
+            )
+        log.info(
+            "keel ready",
+            extra={
+                "fields": {
+                    "models": router.names,
+                    "database": db.redacted_url,
+                    "auth": "master key" if master else "open",
+                }
+            },
+        )
         try:
             yield
         finally:
             await router.aclose()
             await session.close()
+            await ledger.stop()
+            await counters.aclose()
+            await db.dispose()
 
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(HTTPException)

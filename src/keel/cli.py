@@ -44,6 +44,22 @@ def serve(
     host = host or cfg.server.host
     port = cfg.server.port if port is None else port
     workers = workers or cfg.server.workers
+    if cfg.auth.master_key is None and not cfg.auth.allow_insecure and not _is_loopback(host):
+        typer.secho(
+            f"Refusing to listen on {host} without a master key: anyone who can reach it could use your models "
+            "and administer Keel. Set KEEL_MASTER_KEY (or auth.master_key), or bind 127.0.0.1, or set "
+            "auth.allow_insecure: true if something in front of Keel authenticates callers.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    if workers > 1 and not cfg.redis_url:
+        typer.secho(
+            f"warning: {workers} workers without redis_url: rate limits and budgets are counted per worker, so a "
+            "key may get up to N times its limits. Set redis_url to share them.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     os.environ["KEEL_CONFIG"] = str(path)
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keel-metrics-")
@@ -139,7 +155,21 @@ async def _chat(base: str, model: str, message: str, api_key: str) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def main() -> None:
+    from keel.cli_admin import install
+
+    install(app, _load)
     app()
 
 

@@ -32,11 +32,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AccountingConfig",
+    "AuthConfig",
+    "BudgetsConfig",
     "ConfigError",
     "CooldownConfig",
     "Deployment",
     "DeploymentSpec",
     "KeelConfig",
+    "LimitsConfig",
     "LocalModelConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -199,11 +203,48 @@ class LoggingConfig(_Strict):
     requests: bool = True
 
 
+class AuthConfig(_Strict):
+    """Who may call Keel. With a master key (``KEEL_MASTER_KEY`` or ``auth.master_key``) every ``/v1`` call needs
+    a Bearer key: the master key or a virtual key. Without one Keel runs open, and then refuses to listen on a
+    non-loopback address unless ``allow_insecure`` says you mean it."""
+
+    master_key: SecretStr | None = None
+    allow_insecure: bool = False
+    key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
+
+
+class LimitsConfig(_Strict):
+    """What to do when the shared-state backend (Redis) is unreachable: ``closed`` refuses requests that have
+    limits or budgets (503), ``open`` lets them through unmetered and says so in logs and ``/ready``."""
+
+    failure_policy: Literal["closed", "open"] = "closed"
+
+
+class BudgetsConfig(_Strict):
+    downgrade_model: str | None = None
+    global_daily_usd: float | None = Field(default=None, gt=0)
+    emergency_model: str | None = None
+    emergency_max_prompt_tokens: int = Field(default=4000, ge=1)
+    output_tokens_estimate: int = Field(default=1024, ge=1)
+    unpriced: Literal["refuse", "allow"] = "refuse"
+
+
+class AccountingConfig(_Strict):
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    max_batch: int = Field(default=500, ge=1)
+
+
 class KeelConfig(_Strict):
     """The whole file."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    database_url: str | None = None
+    redis_url: str | None = None
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    accounting: AccountingConfig = Field(default_factory=AccountingConfig)
     models: list[ModelConfig] = Field(min_length=1)
 
     @field_validator("models")
@@ -234,6 +275,14 @@ class KeelConfig(_Strict):
                     problems.append(f"models[{i}].provider: unknown provider {d.provider!r}{hint} (known: {known})")
                 if d.provider == "local" and d.api_base:
                     problems.append(f"models[{i}].api_base: a local model has no api_base; remove it")
+        for key in ("downgrade_model", "emergency_model"):
+            target = getattr(self.budgets, key)
+            if target is not None and target not in names:
+                problems.append(f"budgets.{key}: unknown model {target!r}{_suggest(target, names)}")
+        if self.budgets.global_daily_usd is not None and self.budgets.emergency_model is None:
+            problems.append(
+                "budgets.emergency_model: required with global_daily_usd (the model used in emergency mode)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -314,7 +363,12 @@ def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] 
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys (server, models, ...)")
-    data = _interpolate_tree(raw, os.environ if env is None else env)
+    environ = os.environ if env is None else env
+    data = _interpolate_tree(raw, environ)
+    master = environ.get("KEEL_MASTER_KEY")
+    auth = data.get("auth")
+    if master and (auth is None or (isinstance(auth, dict) and not auth.get("master_key"))):
+        data["auth"] = {**(auth or {}), "master_key": master}
     try:
         return KeelConfig.model_validate(data)
     except ValidationError as exc:

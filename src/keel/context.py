@@ -9,9 +9,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
+
+if TYPE_CHECKING:
+    from keel.pipeline.auth import Principal
+    from keel.state import Admission
 
 __all__ = ["Attempt", "RequestContext"]
 
@@ -40,6 +44,10 @@ class RequestContext:
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
 
+    authorization: str | None = None
+    principal: Principal | None = None
+    admission: Admission | None = None
+
     public_model: str | None = None
     deployment: str | None = None
     upstream_model: str | None = None
@@ -48,6 +56,7 @@ class RequestContext:
 
     usage: dict[str, Any] | None = None
     usage_estimated: bool = False
+    cost_micros: int | None = None  # None: unknown (no price for the model), never a silent zero
     ttft_ms: float | None = None
     upstream_ms: float = 0.0
     chunks: int = 0

@@ -5,7 +5,8 @@ error body, in one place (:func:`KeelError.to_body`).
 
     KeelError                              500 server_error
     ├── InvalidRequest                     400 invalid_request_error
-    │   └── ModelNotFound                  404 invalid_request_error (code model_not_found)
+    │   ├── ModelNotFound                  404 invalid_request_error (code model_not_found)
+    │   └── NotFound                       404 invalid_request_error (a key, session, prompt ... that does not exist)
     ├── AuthError                          401 authentication_error
     ├── PermissionDenied                   403 permission_error
     ├── RateLimitExceeded                  429 rate_limit_error   (Keel's own limits; carries retry_after)
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidRequest",
     "KeelError",
     "ModelNotFound",
+    "NotFound",
     "Overloaded",
     "PermissionDenied",
     "ProviderError",
@@ -95,6 +97,11 @@ class InvalidRequest(KeelError):
 class ModelNotFound(InvalidRequest):
     status = 404
     code = "model_not_found"
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
 
 
 class AuthError(KeelError):

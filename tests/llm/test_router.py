@@ -305,3 +305,11 @@ async def test_client_disconnect_cancels_non_streaming_upstream(keel: Keel, fake
     while fake.stats["cancelled"] < 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert fake.stats["cancelled"] == 1
+
+
+async def test_stream_ending_early_without_done_is_an_error_event(keel: Keel, fake: FakeUpstreamThread) -> None:
+    server = keel(ONE_MODEL)
+    fake.script({"end_after_chunks": 2, "content": "one two three four five six"})
+    status, events = await sse(server, chat_body(stream=True))
+    assert status == 200 and events[-1][0] == "error"
+    assert "without [DONE]" in events[-1][1]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -23,11 +26,33 @@ async def health() -> Response:
     return json_response({"status": "ok"})
 
 
+async def _check(aw: Awaitable[object]) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(2):
+            await aw
+    except Exception as exc:  # any failure is the answer, not an error of /ready
+        return {"ok": False, "detail": str(exc) or type(exc).__name__}
+    return {"ok": True}
+
+
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """Each dependency's status; 503 when a model has no deployment able to serve."""
+    """Each dependency's status; 503 when the database or shared state is down (under a fail-closed policy), or
+    a model has no deployment able to serve."""
     state: AppState = request.app.state.keel
     now = time.monotonic()
+    database = {
+        **await _check(state.db.ping()),
+        "url": state.db.redacted_url,
+        "ledger_pending": state.ledger.pending,
+        "ledger_dropped": state.ledger.dropped,
+    }
+    counters = await _check(state.counters.ping())
+    counters["backend"] = "redis" if state.config.redis_url else "in-process"
+    counters["failure_policy"] = state.config.limits.failure_policy
+    emergency = None
+    if counters["ok"] and state.emergency.cap_micros is not None:
+        emergency = await state.emergency.status()
     models = {}
     all_ok = True
     for name in state.router.names:
@@ -44,7 +69,11 @@ async def ready(request: Request) -> Response:
             serving = serving or (ok and not cooling)
         models[name] = {"ok": serving, "deployments": deployments}
         all_ok = all_ok and serving
-    body = {"status": "ready" if all_ok else "degraded", "checks": {"models": models}}
+    all_ok = all_ok and database["ok"] and (counters["ok"] or state.config.limits.failure_policy == "open")
+    checks = {"database": database, "counters": counters, "models": models}
+    if emergency is not None:
+        checks["emergency"] = emergency
+    body = {"status": "ready" if all_ok else "degraded", "checks": checks}
     return json_response(body, 200 if all_ok else 503)
 
 

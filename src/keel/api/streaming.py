@@ -5,6 +5,7 @@
 - Usage: the router always asks the upstream for it. A client that asked for ``include_usage`` gets the usual
   separate usage chunk; any other client gets ``usage`` on the final chunk that carries ``finish_reason``, which
   clients that read ``choices[0]`` on every chunk tolerate. Usage the upstream never sent is estimated, and marked.
+  The usage object also carries Keel's ``cost`` in US dollars (``null`` when the model has no price).
 - An upstream failure after the first chunk becomes an ``event: error`` with an OpenAI error object, and the
   stream ends without ``data: [DONE]``, so no client mistakes a broken answer for a complete one.
 """
@@ -12,7 +13,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -35,9 +36,14 @@ def _error_event(error: KeelError) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(error.to_body()) + b"\n\n"
 
 
-async def sse_events(ctx: RequestContext, stream: PrimedStream, include_usage: bool) -> AsyncIterator[bytes]:
+Pricer = Callable[[RequestContext], None]
+
+
+async def sse_events(
+    ctx: RequestContext, stream: PrimedStream, include_usage: bool, price: Pricer
+) -> AsyncIterator[bytes]:
     try:
-        async for event in _events(ctx, stream, include_usage):
+        async for event in _events(ctx, stream, include_usage, price):
             yield event
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away. Cancellation scopes would cancel any await here, so the deferred work (spend
@@ -48,7 +54,15 @@ async def sse_events(ctx: RequestContext, stream: PrimedStream, include_usage: b
     await ctx.finish()
 
 
-async def _events(ctx: RequestContext, stream: PrimedStream, include_usage: bool) -> AsyncIterator[bytes]:
+def _costed(ctx: RequestContext, usage: dict[str, Any], price: Pricer) -> dict[str, Any]:
+    ctx.usage = usage
+    price(ctx)
+    return {**usage, "cost": None if ctx.cost_micros is None else ctx.cost_micros / 1_000_000}
+
+
+async def _events(
+    ctx: RequestContext, stream: PrimedStream, include_usage: bool, price: Pricer
+) -> AsyncIterator[bytes]:
     held: dict[str, Any] | None = None  # the finish_reason chunk, waiting for usage
     text: list[str] = []
     try:
@@ -59,7 +73,7 @@ async def _events(ctx: RequestContext, stream: PrimedStream, include_usage: bool
             choices = chunk.get("choices") or []
             usage = chunk.get("usage")
             if usage:
-                ctx.usage = usage
+                chunk["usage"] = usage = _costed(ctx, usage, price)
             if not choices:
                 if usage and not include_usage:
                     if held is not None:
@@ -89,12 +103,12 @@ async def _events(ctx: RequestContext, stream: PrimedStream, include_usage: bool
         error = UpstreamError(f"the stream failed: {type(exc).__name__}")
     else:
         if ctx.usage is None:
-            ctx.usage = estimate_usage(ctx.body.get("messages") or [], "".join(text))
             ctx.usage_estimated = True
+            estimated = {**estimate_usage(ctx.body.get("messages") or [], "".join(text)), "estimated": True}
             if held is not None:
-                held["usage"] = {**ctx.usage, "estimated": True}
+                held["usage"] = _costed(ctx, estimated, price)
             elif include_usage:
-                yield _event({**stream.first, "choices": [], "usage": {**ctx.usage, "estimated": True}})
+                yield _event({**stream.first, "choices": [], "usage": _costed(ctx, estimated, price)})
         if held is not None:
             yield _event(held)
         yield _DONE

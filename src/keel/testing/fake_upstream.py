@@ -38,6 +38,8 @@ A step is a dict combining these keys:
 - ``first_chunk_delay_s: float``: streams: send the headers at once, then wait before the first event.
 - ``chunk_delay_s: float``: streams: wait between content chunks (default: the server's ``chunk_delay_s``).
 - ``cut_after_chunks: int``: streams: send this many content chunks, then drop the connection mid-body.
+- ``end_after_chunks: int``: streams: send this many content chunks, then end the body cleanly, without the
+  closing events (``[DONE]``, ``message_stop``): a proxy that gave up politely.
 - ``malformed: true``: answer 200 with a body that is not JSON; streams: one event with broken JSON after the first
   content chunk.
 - ``hang: true``: never answer, until the client goes away or the server stops.
@@ -101,6 +103,7 @@ _STEP_KEYS: Final = frozenset(
         "context_length_exceeded",
         "cut_after_chunks",
         "delay_s",
+        "end_after_chunks",
         "first_chunk_delay_s",
         "hang",
         "malformed",
@@ -143,6 +146,7 @@ class _Step:
     first_chunk_delay_s: float = 0.0
     chunk_delay_s: float | None = None
     cut_after_chunks: int | None = None
+    end_after_chunks: int | None = None
     malformed: bool = False
     hang: bool = False
 
@@ -192,6 +196,7 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
     if (retry_after_ms := _opt_float(raw, "retry_after_ms")) is not None:
         headers["retry-after-ms"] = _header_value(retry_after_ms)
     cut = raw.get("cut_after_chunks")
+    end = raw.get("end_after_chunks")
     step = _Step(
         content=_opt_str(raw, "content"),
         tool_calls=tuple(_parse_tool_call(call) for call in raw.get("tool_calls") or ()),
@@ -207,6 +212,7 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
         first_chunk_delay_s=_opt_float(raw, "first_chunk_delay_s") or 0.0,
         chunk_delay_s=_opt_float(raw, "chunk_delay_s"),
         cut_after_chunks=None if cut is None else int(cut),
+        end_after_chunks=None if end is None else int(end),
         malformed=bool(raw.get("malformed")),
         hang=bool(raw.get("hang")),
     )
@@ -732,6 +738,8 @@ class FakeUpstream:
             first_content = next((i for i, (_, is_content) in enumerate(frames) if is_content), 0)
             frames.insert(first_content + 1, (dialect.malformed_frame, False))
         cut_at = -1 if step.cut_after_chunks is None else _cut_index(frames, step.cut_after_chunks)
+        if step.end_after_chunks is not None:
+            del frames[_cut_index(frames, step.end_after_chunks) :]
         gap = self.chunk_delay_s if step.chunk_delay_s is None else step.chunk_delay_s
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
