@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from keel.api import admin, health, openai
 from keel.api.http import RequestIdMiddleware, error_response
@@ -23,7 +24,7 @@ from keel.errors import InvalidRequest, KeelError
 from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
-from keel.observe.logs import setup_logging
+from keel.observe.logs import setup_logging, shutdown_logging
 from keel.pipeline import Pipeline, Stage
 from keel.pipeline.accounting import Accounting
 from keel.pipeline.admission import AdmissionStage, EmergencyMode
@@ -103,8 +104,10 @@ def create_app(config: KeelConfig) -> FastAPI:
             await ledger.stop()
             await counters.aclose()
             await db.dispose()
+            shutdown_logging()
 
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.router.routes[:0] = [Route(path, fn, methods=methods) for path, fn, methods in openai.HOT_ROUTES]
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)

@@ -33,19 +33,26 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 __all__ = [
     "AccountingConfig",
+    "AppConfig",
     "AuthConfig",
     "BudgetsConfig",
     "ConfigError",
     "CooldownConfig",
     "Deployment",
     "DeploymentSpec",
+    "EmbeddingsConfig",
+    "HistoryConfig",
     "KeelConfig",
     "LimitsConfig",
     "LocalModelConfig",
     "LoggingConfig",
     "ModelConfig",
     "Price",
+    "PromptRef",
+    "RetrievalConfig",
     "ServerConfig",
+    "SessionsConfig",
+    "VectorStoreConfig",
     "default_config_path",
     "load_config",
 ]
@@ -234,6 +241,99 @@ class AccountingConfig(_Strict):
     max_batch: int = Field(default=500, ge=1)
 
 
+class PromptRef(_Strict):
+    """Which managed prompt an app uses: a name and the label to follow (moving the label is a rollback)."""
+
+    name: str = Field(min_length=1)
+    label: str = Field(default="production", min_length=1)
+
+
+class HistoryConfig(_Strict):
+    """How an app keeps long conversations inside the model's context window.
+
+    ``window``: drop the oldest turns that do not fit. ``summary``: fold dropped turns into a rolling summary,
+    written in the background by ``summary_model``, and keep it in the prompt. Pinned messages are never dropped.
+    """
+
+    strategy: Literal["window", "summary"] = "summary"
+    max_turns: int | None = Field(default=None, ge=1)
+    reserve_output_tokens: int = Field(default=512, ge=1)
+    summary_model: str | None = None
+    summary_max_tokens: int = Field(default=400, ge=16)
+
+
+class RetrievalConfig(_Strict):
+    """What an app retrieves for each turn: the ``top_k`` chunks of ``collection`` scoring at least ``min_score``
+    (cosine), trimmed to ``max_context_tokens``. ``sources`` (files or folders, relative to the config file) are
+    what ``keel ingest`` ingests when given no paths, so the knowledge base travels with the config."""
+
+    collection: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+    top_k: int = Field(default=5, ge=1, le=50)
+    min_score: float = Field(default=0.3, ge=-1, le=1)
+    max_context_tokens: int = Field(default=1500, ge=1)
+    sources: list[str] = Field(default_factory=list)
+
+
+class AppConfig(_Strict):
+    """A chat application: the model, prompt, history, retrieval and guardrails its sessions use."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str
+    prompt: PromptRef | None = None
+    system_prompt: str | None = None
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    retrieval: RetrievalConfig | None = None
+
+
+class EmbeddingsConfig(_Strict):
+    """The one embedder Keel shares (retrieval, semantic cache, topic guardrails).
+
+    ``local`` (default): all-MiniLM-L6-v2 (384 dimensions) as an int8 ONNX model from installed packages, run in
+    process by onnxruntime: no network, no key. ``openai``: any OpenAI-compatible ``/v1/embeddings`` upstream
+    (``api_base``, ``api_key``, ``model`` required). Concurrent callers' texts are coalesced into batches of up to
+    ``batch_size``; the vectors of the last ``cache_size`` distinct texts are kept, since the same user message is
+    embedded by several stages."""
+
+    provider: Literal["local", "openai"] = "local"
+    model: str | None = None
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    batch_size: int = Field(default=32, ge=1, le=2048)
+    cache_size: int = Field(default=4096, ge=0)
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> EmbeddingsConfig:
+        if self.provider == "openai" and not self.model:
+            raise ValueError("`model` is required for provider openai (e.g. text-embedding-3-small)")
+        if self.provider == "local" and self.model not in (None, "all-MiniLM-L6-v2"):
+            raise ValueError(
+                f"`model`: the local provider ships only all-MiniLM-L6-v2 (got {self.model!r}); "
+                "remove `model` or use provider openai"
+            )
+        return self
+
+
+class VectorStoreConfig(_Strict):
+    """Where chunk vectors live. ``local`` (default): files under ``path`` (default ``$KEEL_HOME/vectors``), exact
+    search in process, no server. ``pgvector``: a PostgreSQL database with the pgvector extension at ``url``
+    (``postgresql://user:password@host:5432/db``), for several hosts sharing one index."""
+
+    backend: Literal["local", "pgvector"] = "local"
+    path: str | None = None
+    url: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> VectorStoreConfig:
+        if self.backend == "pgvector" and self.url is None:
+            raise ValueError("`url` is required for backend pgvector (postgresql://user:pass@host/db)")
+        return self
+
+
+class SessionsConfig(_Strict):
+    retention_days: float | None = Field(default=30, gt=0)
+    max_message_chars: int = Field(default=32_000, ge=1)
+
+
 class KeelConfig(_Strict):
     """The whole file."""
 
@@ -246,6 +346,11 @@ class KeelConfig(_Strict):
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     accounting: AccountingConfig = Field(default_factory=AccountingConfig)
     models: list[ModelConfig] = Field(min_length=1)
+    apps: list[AppConfig] = Field(default_factory=list)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
+    prompts_dir: str | None = None
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    vector_store: VectorStoreConfig = Field(default_factory=VectorStoreConfig)
 
     @field_validator("models")
     @classmethod
@@ -275,6 +380,14 @@ class KeelConfig(_Strict):
                     problems.append(f"models[{i}].provider: unknown provider {d.provider!r}{hint} (known: {known})")
                 if d.provider == "local" and d.api_base:
                     problems.append(f"models[{i}].api_base: a local model has no api_base; remove it")
+        app_names: set[str] = set()
+        for i, app in enumerate(self.apps):
+            if app.name in app_names:
+                problems.append(f"apps[{i}].name: app {app.name!r} is listed twice")
+            app_names.add(app.name)
+            for key, target in (("model", app.model), ("history.summary_model", app.history.summary_model)):
+                if target is not None and target not in names:
+                    problems.append(f"apps[{i}].{key}: unknown model {target!r}{_suggest(target, names)}")
         for key in ("downgrade_model", "emergency_model"):
             target = getattr(self.budgets, key)
             if target is not None and target not in names:
@@ -289,6 +402,12 @@ class KeelConfig(_Strict):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def app(self, name: str | None) -> AppConfig | None:
+        """The named app, or the only one when ``name`` is None."""
+        if name is None:
+            return self.apps[0] if len(self.apps) == 1 else None
+        return next((a for a in self.apps if a.name == name), None)
 
 
 def _known_providers() -> set[str]:

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 
@@ -31,13 +33,23 @@ from keel.store import (
 from keel.store.db import MIGRATION_LOCK_ID, _upgrade_head, normalize_url
 from keel.store.models import Base
 
-HEAD = "0001_keys_limits_spend"
+
+def _heads() -> frozenset[str]:
+    config = Config()
+    config.set_main_option("script_location", "keel.store:migrations")
+    return frozenset(ScriptDirectory.from_config(config).get_heads())
+
+
+HEAD = _heads()
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-async def version(db: Database) -> str:
+async def version(db: Database) -> frozenset[str]:
+    """The revisions the database is at (one per migration branch)."""
     async with db.engine.connect() as conn:
-        return str((await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one())
+        return frozenset(
+            str(v) for v in (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars()
+        )
 
 
 def fresh_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:

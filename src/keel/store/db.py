@@ -95,7 +95,8 @@ class Database:
             yield session
 
     async def migrate(self) -> None:
-        """Upgrade the schema to the newest revision (Alembic ``upgrade head``); a no-op when already there.
+        """Upgrade the schema to the newest revisions (Alembic ``upgrade heads``: each feature's migrations may form
+        their own branch off the base); a no-op when already there.
 
         Safe to call from several workers at once: the whole upgrade runs in one transaction that first takes a
         PostgreSQL transaction-level advisory lock (or SQLite's write lock, ``BEGIN IMMEDIATE``), so a second
@@ -160,8 +161,8 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _upgrade_head(connection: Connection) -> None:
-    """Alembic's ``upgrade head`` on an open connection (``env.py`` picks it up from ``attributes``)."""
+    """Alembic's ``upgrade heads`` on an open connection (``env.py`` picks it up from ``attributes``)."""
     config = Config()
     config.set_main_option("script_location", "keel.store:migrations")
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
