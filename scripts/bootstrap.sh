@@ -22,6 +22,10 @@ if ! .venv/bin/uv --version 2>/dev/null | grep -q "$UV_VERSION"; then
 fi
 
 export UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=.venv
-# --inexact keeps uv itself (and the model-weight packages installed by scripts/local-model.sh) in the venv.
+# --inexact keeps uv itself (and the model-weight packages installed by scripts/install-local-model.sh) in the venv.
 echo "==> installing Python dependencies from uv.lock"
-.venv/bin/uv sync --frozen --inexact --all-groups ${KEEL_EXTRAS:-} --quiet
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "    (the first time, this builds llama.cpp for the embedded local model: about 7-10 minutes on 2 cores;"
+  echo "     the built wheel is cached, so later setups take seconds)"
+fi
+.venv/bin/uv sync --frozen --inexact --all-groups --extra local
