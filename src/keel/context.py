@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from keel.errors import KeelError
 
 if TYPE_CHECKING:
+    from keel.config import AppConfig
     from keel.pipeline.auth import Principal
     from keel.state import Admission
 
@@ -47,6 +48,13 @@ class RequestContext:
     authorization: str | None = None
     principal: Principal | None = None
     admission: Admission | None = None
+
+    app: AppConfig | None = None  # app routes: the app whose prompt, history and retrieval apply
+    variables: dict[str, str] = field(default_factory=dict)  # the app prompt's template variables
+    session_id: str | None = None  # session routes: the chat session this turn belongs to
+    prompt_name: str | None = None
+    prompt_version: int | None = None  # None with a prompt_name: served from the bundled fallback file
+    experiment_arm: str | None = None
 
     public_model: str | None = None
     deployment: str | None = None

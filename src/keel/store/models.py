@@ -20,9 +20,11 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -36,6 +38,8 @@ __all__ = [
     "LIMIT_SCOPES",
     "MICROS_PER_USD",
     "Base",
+    "ChatMessage",
+    "ChatSession",
     "ScopeLimits",
     "SpendRecord",
     "UTCDateTime",
@@ -214,3 +218,60 @@ class SpendRecord(Base):
     status: Mapped[int]
     outcome: Mapped[str]
     latency_ms: Mapped[float]
+
+
+class ChatSession(Base):
+    """A conversation Keel keeps for its owner, so clients send only the new message.
+
+    ``owner`` is who may see it: ``user:<user_id>`` for virtual keys (so a rotated key keeps its user's sessions),
+    ``master``, or ``anonymous`` in open mode; ``key_id`` records the key that created it. ``summary`` folds in
+    every message up to ``summary_upto``. ``last_seq`` allocates message numbers atomically, and ``turn_token`` /
+    ``turn_expires_at`` is the lease that makes turns on one session run one at a time across workers.
+    """
+
+    __tablename__ = "chat_sessions"
+    __table_args__ = (Index(None, "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(primary_key=True, default=lambda: "ses_" + secrets.token_hex(12))
+    app: Mapped[str]
+    owner: Mapped[str]
+    key_id: Mapped[str | None]
+    user_id: Mapped[str | None]
+    title: Mapped[str | None]
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_upto: Mapped[int] = mapped_column(default=0)
+    last_seq: Mapped[int] = mapped_column(default=0)
+    turn_token: Mapped[str | None]
+    turn_expires_at: Mapped[datetime | None]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_message_at: Mapped[datetime | None] = mapped_column(index=True)
+
+    def __repr__(self) -> str:
+        return f"ChatSession(id={self.id!r}, app={self.app!r}, owner={self.owner!r}, last_seq={self.last_seq})"
+
+
+class ChatMessage(Base):
+    """One message of a session, numbered by ``seq`` from 1. ``status`` is ``failed`` on a user message whose answer
+    never completed (sending the same text again retries it). ``metadata`` holds citations, model and usage."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'assistant')", name="role_valid"),
+        CheckConstraint("status IN ('ok', 'failed')", name="status_valid"),
+    )
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("chat_sessions.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    role: Mapped[str]
+    content: Mapped[str] = mapped_column(Text)
+    pinned: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(default="ok")
+    tokens: Mapped[int | None]
+    request_id: Mapped[str | None]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ChatMessage(session_id={self.session_id!r}, seq={self.seq}, role={self.role!r})"

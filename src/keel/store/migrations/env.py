@@ -17,6 +17,7 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import keel.prompts.models  # noqa: F401  (puts the prompt tables on Base.metadata, for autogenerate)
 from keel.store.db import normalize_url
 from keel.store.models import Base
 

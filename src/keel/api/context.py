@@ -1,0 +1,62 @@
+"""The HTTP side of a :class:`~keel.context.RequestContext`, shared by every route that runs the pipeline: making
+one, the ``x-keel-*`` headers it yields, and ending it (priced result, error, client gone)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from keel.api.http import error_response
+from keel.api.state import AppState
+from keel.context import RequestContext
+from keel.errors import KeelError
+from keel.pipeline.accounting import cost_header, record_request
+
+__all__ = ["SSE_HEADERS", "closed", "fail", "keel_headers", "new_context", "price_result"]
+
+SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def new_context(request: Request, route: str, state: AppState) -> RequestContext:
+    """A context whose completion records the ledger row, the log line and the metrics."""
+    ctx = RequestContext(
+        request_id=request.scope["state"]["request_id"], route=route, authorization=request.headers.get("authorization")
+    )
+    ctx.defer(record_request)
+    ctx.defer(state.accounting.record)
+    return ctx
+
+
+def keel_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {"x-keel-model": ctx.public_model or "", **ctx.response_headers}
+    if ctx.deployment:
+        headers["x-keel-cost-usd"] = cost_header(ctx)
+    if ctx.deployment:
+        headers["x-keel-deployment"] = ctx.deployment
+    headers["x-keel-attempts"] = str(len(ctx.attempts))
+    if ctx.fallback_from:
+        headers["x-keel-fallback-from"] = ctx.fallback_from
+    return headers
+
+
+async def fail(ctx: RequestContext, exc: KeelError) -> Response:
+    ctx.fail(exc)
+    await ctx.finish()
+    return error_response(exc, keel_headers(ctx))
+
+
+async def closed(ctx: RequestContext) -> Response:
+    ctx.status, ctx.outcome = 499, "client_closed"
+    await ctx.finish()
+    return Response(status_code=499)
+
+
+def price_result(ctx: RequestContext, result: dict[str, Any], state: AppState) -> None:
+    """Price a complete (non-streamed) result and put Keel's ``cost`` (US dollars) in its ``usage``."""
+    usage = result.get("usage")
+    ctx.usage = usage if isinstance(usage, dict) else None
+    state.accounting.price(ctx)
+    if ctx.usage is not None:
+        result["usage"] = {**ctx.usage, "cost": None if ctx.cost_micros is None else ctx.cost_micros / 1_000_000}
