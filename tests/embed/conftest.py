@@ -1,0 +1,1 @@
+from embed.support import local_embedder  # noqa: F401 - fixture
