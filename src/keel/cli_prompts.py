@@ -77,9 +77,7 @@ def push(
     label: Annotated[str | None, typer.Option("--label", "-l", help="Also point this label at them.")] = None,
     init_label: Annotated[
         str | None,
-        typer.Option(
-            "--init-label", help="Point this label at them where it is not set yet."
-        ),
+        typer.Option("--init-label", help="Point this label at them where it is not set yet."),
     ] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="What changed.")] = None,
     by: By = None,
