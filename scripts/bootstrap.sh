@@ -28,4 +28,4 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   echo "    (the first time, this builds llama.cpp for the embedded local model: about 7-10 minutes on 2 cores;"
   echo "     the built wheel is cached, so later setups take seconds)"
 fi
-.venv/bin/uv sync --frozen --inexact --all-groups --extra local
+.venv/bin/uv sync --frozen --inexact --all-groups --extra local --extra nemo

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,11 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from keel.api import admin, health, openai
+from keel.api import admin, guardrails, health, openai, prompts, sessions
 from keel.api.http import RequestIdMiddleware, error_response
 from keel.api.state import AppState
 from keel.config import KeelConfig, load_config
+from keel.embed import build_embedder
 from keel.errors import InvalidRequest, KeelError
+from keel.guard.registry import build_guards, warm_up
+from keel.history import History
 from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
@@ -29,9 +33,14 @@ from keel.pipeline import Pipeline, Stage
 from keel.pipeline.accounting import Accounting
 from keel.pipeline.admission import AdmissionStage, EmergencyMode
 from keel.pipeline.auth import Authenticator, AuthStage
+from keel.pipeline.prompt import ShadowRunner
+from keel.prompts import ManagedSystemPrompt, PromptService
+from keel.retrieval import Retriever
 from keel.state import counters_from_url
 from keel.store import Database, KeyRepository, ScopeLimitsRepository, SpendRepository, default_sqlite_url
+from keel.store.sessions import RetentionSweeper, SessionRepository
 from keel.store.writer import BatchWriter
+from keel.vector import build_index
 
 __all__ = ["app_factory", "create_app"]
 
@@ -43,6 +52,17 @@ def create_app(config: KeelConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(
+            limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+        router = Router(config, lambda d: build_provider(d, session))
+        try:  # a bad guardrail option stops the start, before anything else opens
+            guards = build_guards(config, router=router)
+        except BaseException:
+            await router.aclose()
+            await session.close()
+            raise
         setup_logging(config.logging)
         db = Database.from_url(config.database_url or default_sqlite_url())
         await db.migrate()
@@ -60,12 +80,21 @@ def create_app(config: KeelConfig) -> FastAPI:
         prices = PriceBook(config.models)
         cap = config.budgets.global_daily_usd
         emergency = EmergencyMode(counters, round(cap * 1_000_000) if cap else None)
-        connector = aiohttp.TCPConnector(
-            limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
-        )
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
-        router = Router(config, lambda d: build_provider(d, session))
         stages: list[Stage] = [AuthStage(auth), AdmissionStage(config, counters, prices, spend, emergency)]
+        accounting = Accounting(prices, ledger)
+        prompt_service = PromptService(
+            db, Path(config.prompts_dir) if config.prompts_dir else None, known_models=router.names
+        )
+        await prompt_service.start()
+        shadows = ShadowRunner(router, accounting)
+        chat_sessions = SessionRepository(db)
+        history = History(config, router, chat_sessions, accounting)
+        retention = RetentionSweeper(chat_sessions, config.sessions.retention_days)
+        await retention.start()
+        embedder = build_embedder(config.embeddings, session)
+        vectors = build_index(config.vector_store)
+        if guards:
+            await warm_up(guards, embedder.embed)
         app.state.keel = AppState(
             config=config,
             session=session,
@@ -80,7 +109,15 @@ def create_app(config: KeelConfig) -> FastAPI:
             ledger=ledger,
             auth=auth,
             emergency=emergency,
-            accounting=Accounting(prices, ledger),
+            accounting=accounting,
+            prompts=prompt_service,
+            sessions=chat_sessions,
+            history=history,
+            system_prompts=ManagedSystemPrompt(prompt_service, shadows),
+            context_source=Retriever(embedder, vectors),
+            embedder=embedder,
+            vectors=vectors,
+            guards=guards,
         )
         for deployment in prices.unpriced():
             log.warning(
@@ -99,6 +136,12 @@ def create_app(config: KeelConfig) -> FastAPI:
         try:
             yield
         finally:
+            await retention.stop()
+            await embedder.aclose()
+            await vectors.aclose()
+            await history.aclose()
+            await prompt_service.aclose()
+            await shadows.aclose()
             await router.aclose()
             await session.close()
             await ledger.stop()
@@ -107,10 +150,14 @@ def create_app(config: KeelConfig) -> FastAPI:
             shutdown_logging()
 
     app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.router.routes[:0] = [Route(path, fn, methods=methods) for path, fn, methods in openai.HOT_ROUTES]
+    hot = [*openai.HOT_ROUTES, *guardrails.HOT_ROUTES]
+    app.router.routes[:0] = [Route(path, fn, methods=methods) for path, fn, methods in hot]
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(prompts.router)
+    app.include_router(sessions.router)
+    app.include_router(guardrails.router)
     app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(HTTPException)

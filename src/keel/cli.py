@@ -8,11 +8,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from keel.config import ConfigError, KeelConfig, default_config_path, load_config
+
+if TYPE_CHECKING:
+    from keel.guard.registry import AppGuards
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keel: a production runtime for LLM chat apps.")
 
@@ -30,6 +33,17 @@ def _load(config: Path | None) -> tuple[Path, KeelConfig]:
         raise typer.Exit(2) from None
 
 
+def _check_guardrails(path: Path, cfg: KeelConfig) -> dict[str, AppGuards]:
+    """Build every app's guardrail checks, as the server will at start, so a bad option is reported here."""
+    from keel.guard.registry import build_guards
+
+    try:
+        return build_guards(cfg)
+    except ConfigError as exc:
+        typer.secho(f"{path}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
@@ -41,6 +55,7 @@ def serve(
     import uvicorn
 
     path, cfg = _load(config)
+    _check_guardrails(path, cfg)
     host = host or cfg.server.host
     port = cfg.server.port if port is None else port
     workers = workers or cfg.server.workers
@@ -91,6 +106,7 @@ def serve(
 def check(config: ConfigOpt = None) -> None:
     """Validate a config file and show what it defines."""
     path, cfg = _load(config)
+    guards = _check_guardrails(path, cfg)
     typer.echo(f"{path}: OK")
     for m in cfg.models:
         for d in m.resolved_deployments():
@@ -98,6 +114,11 @@ def check(config: ConfigOpt = None) -> None:
             typer.echo(f"  {m.name:<16} {d.id:<20} {d.provider:<10} {d.model}  ({where})")
         if m.fallbacks:
             typer.echo(f"  {'':<16} fallbacks: {', '.join(m.fallbacks)}")
+    for name, g in guards.items():
+        for direction, runner in (("input", g.input), ("output", g.output)):
+            if runner is not None:
+                listed = ", ".join(f"{c.label} ({c.action})" for c in runner.checks)
+                typer.echo(f"  app {name}: {direction} guardrails: {listed}")
 
 
 @app.command()
@@ -167,9 +188,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def main() -> None:
+    from keel import cli_ingest, cli_prompts
     from keel.cli_admin import install
 
     install(app, _load)
+    cli_prompts.install(app)
+    cli_ingest.install(app, _load)
     app()
 
 

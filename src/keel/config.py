@@ -25,11 +25,21 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "AccountingConfig",
@@ -41,6 +51,8 @@ __all__ = [
     "Deployment",
     "DeploymentSpec",
     "EmbeddingsConfig",
+    "GuardCheckConfig",
+    "GuardrailsConfig",
     "HistoryConfig",
     "KeelConfig",
     "LimitsConfig",
@@ -274,6 +286,44 @@ class RetrievalConfig(_Strict):
     sources: list[str] = Field(default_factory=list)
 
 
+DEFAULT_REFUSAL = "Sorry, I can't help with that request."
+
+
+class GuardCheckConfig(BaseModel):
+    """One guardrail check in an app's ``input`` or ``output`` list.
+
+    ``check`` names it (``size``, ``pii``, ``topic``, ... or a plugin's ``keel.guards`` entry point); ``action`` is
+    what a finding does: ``block`` refuses (input: no model call; output: the answer is withheld, a stream is cut),
+    ``redact`` replaces the found spans with ``<ENTITY>``, ``warn`` only logs and counts. ``timeout_ms`` bounds
+    the check; ``on_error`` says what a check that raises or times out means: ``closed`` blocks
+    (``guardrail_unavailable``), ``open`` lets the text through. Both are logged and counted, never silent.
+    Every other key is the check's own option, passed to its constructor (checked when Keel starts).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    check: str = Field(min_length=1)
+    action: Literal["block", "redact", "warn"] = "block"
+    timeout_ms: float = Field(default=200, gt=0, le=600_000)
+    on_error: Literal["open", "closed"] = "closed"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The check's own options (the keys beyond the four above)."""
+        return dict(self.model_extra or {})
+
+
+class GuardrailsConfig(_Strict):
+    """An app's guardrails: the checks run on each user message (``input``) and on each answer (``output``),
+    concurrently, and the ``refusal`` a blocked request gets. On a stream, output checks run on the last
+    ``stream_window_chars`` characters, every quarter window of new text and at the end."""
+
+    input: list[GuardCheckConfig] = Field(default_factory=list)
+    output: list[GuardCheckConfig] = Field(default_factory=list)
+    stream_window_chars: int = Field(default=400, ge=64, le=100_000)
+    refusal: str = Field(default=DEFAULT_REFUSAL, min_length=1)
+
+
 class AppConfig(_Strict):
     """A chat application: the model, prompt, history, retrieval and guardrails its sessions use."""
 
@@ -283,6 +333,7 @@ class AppConfig(_Strict):
     system_prompt: str | None = None
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     retrieval: RetrievalConfig | None = None
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
 
 
 class EmbeddingsConfig(_Strict):
@@ -298,7 +349,7 @@ class EmbeddingsConfig(_Strict):
     model: str | None = None
     api_base: str | None = None
     api_key: SecretStr | None = None
-    batch_size: int = Field(default=32, ge=1, le=2048)
+    batch_size: int = Field(default=16, ge=1, le=2048)
     cache_size: int = Field(default=4096, ge=0)
 
     @model_validator(mode="after")
@@ -351,6 +402,13 @@ class KeelConfig(_Strict):
     prompts_dir: str | None = None
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     vector_store: VectorStoreConfig = Field(default_factory=VectorStoreConfig)
+    _base_dir: Path | None = PrivateAttr(default=None)  # the config file's folder, set by load_config
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the file (prompts_dir, app sources, rails) are resolved against: the
+        config file's, or the working directory for a config that came from no file."""
+        return self._base_dir if self._base_dir is not None else Path.cwd()
 
     @field_validator("models")
     @classmethod
@@ -388,6 +446,15 @@ class KeelConfig(_Strict):
             for key, target in (("model", app.model), ("history.summary_model", app.history.summary_model)):
                 if target is not None and target not in names:
                     problems.append(f"apps[{i}].{key}: unknown model {target!r}{_suggest(target, names)}")
+            for direction in ("input", "output"):
+                for j, guard in enumerate(getattr(app.guardrails, direction)):
+                    if guard.check not in (guards := _known_guards()):
+                        known = ", ".join(sorted(guards))
+                        hint = _suggest(guard.check, guards)
+                        problems.append(
+                            f"apps[{i}].guardrails.{direction}[{j}].check: unknown check {guard.check!r}{hint} "
+                            f"(installed: {known})"
+                        )
         for key in ("downgrade_model", "emergency_model"):
             target = getattr(self.budgets, key)
             if target is not None and target not in names:
@@ -414,6 +481,13 @@ def _known_providers() -> set[str]:
     from importlib.metadata import entry_points
 
     return set(BUILTIN_PROVIDERS) | {ep.name for ep in entry_points(group="keel.providers")}
+
+
+@cache
+def _known_guards() -> frozenset[str]:
+    from importlib.metadata import entry_points
+
+    return frozenset(ep.name for ep in entry_points(group="keel.guards"))
 
 
 def _suggest(word: str, choices: Any) -> str:
@@ -470,7 +544,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(
             f"{p}: cannot read config file ({exc.strerror}); pass --config FILE or set KEEL_CONFIG"
         ) from None
-    return parse_config(text, source=str(p), env=env)
+    config = parse_config(text, source=str(p), env=env)
+    if config.prompts_dir and not Path(config.prompts_dir).is_absolute():  # relative to the file, like app sources
+        config = config.model_copy(update={"prompts_dir": str((p.parent / config.prompts_dir).resolve())})
+    config._base_dir = p.parent.resolve()
+    return config
 
 
 def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> KeelConfig:

@@ -128,9 +128,21 @@ class BudgetExceeded(KeelError):
 
 
 class GuardrailBlocked(KeelError):
+    """A guardrail refused the text. ``message`` is the app's polite refusal; ``reasons`` are machine-readable
+    (``[{"check", "reason", "detail", "score"?}]``) and go into the error body beside the usual fields."""
+
     status = 400
     type = "guardrail_error"
     code = "guardrail_blocked"
+
+    def __init__(self, message: str, *, reasons: list[dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reasons = list(reasons or [])
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["reasons"] = self.reasons
+        return body
 
 
 class Overloaded(KeelError):

@@ -55,7 +55,20 @@ async def test_local_model_streams_through_keel(keel: Callable[..., KeelServer])
         answer = await client.chat.completions.create(
             model="local",
             messages=[{"role": "user", "content": "Reply with a JSON object with a key 'brand'."}],
-            response_format={"type": "json_object"},
+            # A schema bounds the string, so a 135M model cannot ramble past max_tokens and truncate the JSON.
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "brand",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"brand": {"type": "string", "maxLength": 24}},
+                        "required": ["brand"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            temperature=0,
             max_tokens=64,
         )
     content = answer.choices[0].message.content or ""
@@ -63,4 +76,4 @@ async def test_local_model_streams_through_keel(keel: Callable[..., KeelServer])
         parsed = json.loads(content)
     except json.JSONDecodeError:
         pytest.fail(f"JSON mode produced invalid JSON: {content!r}")
-    assert isinstance(parsed, dict)
+    assert isinstance(parsed, dict) and isinstance(parsed.get("brand"), str)

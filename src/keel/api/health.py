@@ -38,7 +38,8 @@ async def _check(aw: Awaitable[object]) -> dict[str, Any]:
 @router.get("/ready")
 async def ready(request: Request) -> Response:
     """Each dependency's status; 503 when the database or shared state is down (under a fail-closed policy), or
-    a model has no deployment able to serve."""
+    a model has no deployment able to serve. The vector index is reported (with each app collection's chunk count,
+    0 until `keel ingest`) but never makes Keel unready: without it answers go on without retrieved context."""
     state: AppState = request.app.state.keel
     now = time.monotonic()
     database = {
@@ -71,6 +72,12 @@ async def ready(request: Request) -> Response:
         all_ok = all_ok and serving
     all_ok = all_ok and database["ok"] and (counters["ok"] or state.config.limits.failure_policy == "open")
     checks = {"database": database, "counters": counters, "models": models}
+    collections = sorted({a.retrieval.collection for a in state.config.apps if a.retrieval is not None})
+    if collections:  # retrieval degrades (answers go on without context), so it does not make Keel unready
+        vectors = await _check(state.vectors.ping())
+        if vectors["ok"]:
+            vectors["chunks"] = {c: await state.vectors.count(c) for c in collections}
+        checks["vector_index"] = vectors
     if emergency is not None:
         checks["emergency"] = emergency
     body = {"status": "ready" if all_ok else "degraded", "checks": checks}

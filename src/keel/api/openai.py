@@ -1,5 +1,9 @@
 """The OpenAI-compatible surface: ``/v1/chat/completions``, ``/v1/models``, ``/v1/embeddings``. Any OpenAI SDK
-works against Keel by changing ``base_url``."""
+works against Keel by changing ``base_url``.
+
+A chat request may name an app with the ``x-keel-app`` header: that app's guardrails then apply (input checks on
+the last user message, output checks on the answer or the stream; see :mod:`keel.api.guarded`). Without the
+header, or when no app has guardrails, the request takes the plain path with no guardrail work at all."""
 
 from __future__ import annotations
 
@@ -9,53 +13,18 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from keel.api.context import SSE_HEADERS, closed, fail, keel_headers, new_context, price_result
+from keel.api.guarded import app_guards, check_messages, guard_answer, request_scope
 from keel.api.http import ClientClosed, error_response, json_response, read_json, until_disconnect
 from keel.api.schemas import ChatCompletionRequest, EmbeddingRequest, validate
 from keel.api.state import AppState
 from keel.api.streaming import sse_events
-from keel.context import RequestContext
 from keel.errors import KeelError
-from keel.pipeline.accounting import cost_header, record_request
 from keel.pipeline.auth import check_model
 
 __all__ = ["HOT_ROUTES", "router"]
 
 router = APIRouter()
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _ctx(request: Request, route: str, state: AppState) -> RequestContext:
-    ctx = RequestContext(
-        request_id=request.scope["state"]["request_id"], route=route, authorization=request.headers.get("authorization")
-    )
-    ctx.defer(record_request)
-    ctx.defer(state.accounting.record)
-    return ctx
-
-
-def _headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-keel-model": ctx.public_model or "", **ctx.response_headers}
-    if ctx.deployment:
-        headers["x-keel-cost-usd"] = cost_header(ctx)
-    if ctx.deployment:
-        headers["x-keel-deployment"] = ctx.deployment
-    headers["x-keel-attempts"] = str(len(ctx.attempts))
-    if ctx.fallback_from:
-        headers["x-keel-fallback-from"] = ctx.fallback_from
-    return headers
-
-
-async def _fail(ctx: RequestContext, exc: KeelError) -> Response:
-    ctx.fail(exc)
-    await ctx.finish()
-    return error_response(exc, _headers(ctx))
-
-
-async def _closed(ctx: RequestContext) -> Response:
-    ctx.status, ctx.outcome = 499, "client_closed"
-    await ctx.finish()
-    return Response(status_code=499)
 
 
 @router.post(
@@ -69,35 +38,33 @@ async def _closed(ctx: RequestContext) -> Response:
 )
 async def chat_completions(request: Request) -> Response:
     state: AppState = request.app.state.keel
-    ctx = _ctx(request, "openai.chat", state)
+    ctx = new_context(request, "openai.chat", state)
     try:
         ctx.principal = await state.auth.principal(ctx.authorization)
         body = await read_json(request, state.config.server.max_body_bytes)
         req = validate(ChatCompletionRequest, body)
         ctx.body, ctx.public_model, ctx.stream = body, req.model, bool(req.stream)
+        app = request.headers.get("x-keel-app") if state.guards else None  # no guardrails anywhere: no work
+        guards = app_guards(state, app) if app else None
+        if guards is not None and guards.input is not None:
+            await check_messages(guards, ctx, state.embedder.embed)
         result = await until_disconnect(request, state.pipeline.chat(ctx))
+        if guards is not None and guards.output is not None:
+            result = await until_disconnect(request, guard_answer(state, guards, ctx, result, request_scope(ctx.body)))
     except KeelError as exc:
-        return await _fail(ctx, exc)
+        return await fail(ctx, exc)
     except ClientClosed:
-        return await _closed(ctx)
+        return await closed(ctx)
     if isinstance(result, dict):
-        _priced(ctx, result, state)
+        price_result(ctx, result, state)
         await ctx.finish()
-        return json_response(result, headers=_headers(ctx))
+        return json_response(result, headers=keel_headers(ctx))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    headers = {**_SSE_HEADERS, **_headers(ctx)}
+    headers = {**SSE_HEADERS, **keel_headers(ctx)}
     headers.pop("x-keel-cost-usd", None)  # not known yet: it comes in the final chunk's usage
     return StreamingResponse(
         sse_events(ctx, result, include_usage, state.accounting.price), media_type="text/event-stream", headers=headers
     )
-
-
-def _priced(ctx: RequestContext, result: dict[str, Any], state: AppState) -> None:
-    usage = result.get("usage")
-    ctx.usage = usage if isinstance(usage, dict) else None
-    state.accounting.price(ctx)
-    if ctx.usage is not None:
-        result["usage"] = {**ctx.usage, "cost": None if ctx.cost_micros is None else ctx.cost_micros / 1_000_000}
 
 
 @router.post(
@@ -111,7 +78,7 @@ def _priced(ctx: RequestContext, result: dict[str, Any], state: AppState) -> Non
 )
 async def embeddings(request: Request) -> Response:
     state: AppState = request.app.state.keel
-    ctx = _ctx(request, "openai.embeddings", state)
+    ctx = new_context(request, "openai.embeddings", state)
     try:
         ctx.principal = await state.auth.principal(ctx.authorization)
         body = await read_json(request, state.config.server.max_body_bytes)
@@ -119,12 +86,12 @@ async def embeddings(request: Request) -> Response:
         ctx.body, ctx.public_model = body, req.model
         result = await until_disconnect(request, state.pipeline.embed(ctx))
     except KeelError as exc:
-        return await _fail(ctx, exc)
+        return await fail(ctx, exc)
     except ClientClosed:
-        return await _closed(ctx)
-    _priced(ctx, result, state)
+        return await closed(ctx)
+    price_result(ctx, result, state)
     await ctx.finish()
-    return json_response(result, headers=_headers(ctx))
+    return json_response(result, headers=keel_headers(ctx))
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from keel.config import KeelConfig
+from keel.embed import Embedder
+from keel.guard.registry import AppGuards
+from keel.history import ContextSource, History
 from keel.llm.router import Router
 from keel.pipeline import Pipeline
 from keel.pipeline.accounting import Accounting
 from keel.pipeline.admission import EmergencyMode
 from keel.pipeline.auth import Authenticator
+from keel.prompts import ManagedSystemPrompt, PromptService
 from keel.state import Counters
 from keel.store import Database, KeyRepository, ScopeLimitsRepository, SpendRepository
+from keel.store.sessions import SessionRepository
 from keel.store.writer import BatchWriter
+from keel.vector import VectorIndex
 
 __all__ = ["AppState"]
 
@@ -36,3 +42,11 @@ class AppState:
     auth: Authenticator
     emergency: EmergencyMode
     accounting: Accounting
+    prompts: PromptService
+    sessions: SessionRepository
+    history: History
+    system_prompts: ManagedSystemPrompt  # an app's system messages and prompt options, for session turns
+    context_source: ContextSource  # retrieval for session turns
+    embedder: Embedder  # the one shared embedder (retrieval, ingest, guardrails)
+    vectors: VectorIndex
+    guards: dict[str, AppGuards] = field(default_factory=dict)  # apps with guardrails, built once at start

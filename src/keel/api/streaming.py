@@ -7,25 +7,26 @@
   clients that read ``choices[0]`` on every chunk tolerate. Usage the upstream never sent is estimated, and marked.
   The usage object also carries Keel's ``cost`` in US dollars (``null`` when the model has no price).
 - An upstream failure after the first chunk becomes an ``event: error`` with an OpenAI error object, and the
-  stream ends without ``data: [DONE]``, so no client mistakes a broken answer for a complete one.
+  stream ends without ``data: [DONE]``, so no client mistakes a broken answer for a complete one. An output
+  guardrail that blocks mid-stream (:mod:`keel.guard.stream`) ends it the same way, with a ``guardrail_error``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Final
 
 import orjson
 
 from keel.context import RequestContext
-from keel.errors import KeelError, UpstreamError
+from keel.errors import GuardrailBlocked, KeelError, UpstreamError
 from keel.llm.router import PrimedStream
 from keel.llm.tokens import estimate_usage
 
-__all__ = ["sse_events"]
+__all__ = ["DONE", "sse_events"]
 
-_DONE = b"data: [DONE]\n\n"
+DONE: Final = b"data: [DONE]\n\n"  # the last event of a complete stream
 
 
 def _event(chunk: dict[str, Any]) -> bytes:
@@ -41,7 +42,7 @@ Pricer = Callable[[RequestContext], None]
 
 async def sse_events(
     ctx: RequestContext, stream: PrimedStream, include_usage: bool, price: Pricer
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     try:
         async for event in _events(ctx, stream, include_usage, price):
             yield event
@@ -111,9 +112,9 @@ async def _events(
                 yield _event({**stream.first, "choices": [], "usage": _costed(ctx, estimated, price)})
         if held is not None:
             yield _event(held)
-        yield _DONE
+        yield DONE
         return
     if held is not None:
         yield _event(held)
-    ctx.fail(error, outcome="upstream_broke")
+    ctx.fail(error, outcome="guardrail_blocked" if isinstance(error, GuardrailBlocked) else "upstream_broke")
     yield _error_event(error)

@@ -82,8 +82,10 @@ _Request = tuple[list[str], "asyncio.Future[Vectors]"]
 class BatchingEmbedder(ABC):
     """Coalescing and caching around a batch call, :meth:`_embed_batch`, that subclasses implement.
 
-    A caller's uncached texts wait at most ``window_s`` for other callers' texts, or less once ``batch_size``
-    texts are pending; then all of them go to :meth:`_embed_batch` as one call. Identical texts are embedded once.
+    When no batch is running, a caller's uncached texts go at the next turn of the event loop (with whatever
+    other callers added in the same turn): an idle embedder adds no wait. While a batch runs, new texts wait at most
+    ``window_s`` for more, or less once ``batch_size`` texts are pending, and go as one call. Identical texts are
+    embedded once.
     """
 
     def __init__(self, *, batch_size: int = 32, cache_size: int = 4096, window_s: float = 0.002) -> None:
@@ -93,7 +95,7 @@ class BatchingEmbedder(ABC):
         self.batches = 0  # calls of _embed_batch, for tests and metrics
         self._pending: list[_Request] = []
         self._pending_texts = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -126,7 +128,9 @@ class BatchingEmbedder(ABC):
             if self._pending_texts >= self.batch_size:
                 self._flush()
             elif self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self.window_s, self._flush)
+                loop = asyncio.get_running_loop()
+                idle = not self._tasks
+                self._timer = loop.call_soon(self._flush) if idle else loop.call_later(self.window_s, self._flush)
             found = dict(zip(missing, await future, strict=True))
             rows = [found[t] if row is None else row for t, row in zip(texts, rows, strict=True)]
         return np.stack(rows)  # type: ignore[arg-type]

@@ -4,12 +4,13 @@ directory before the workers start, and ``/metrics`` aggregates every worker's v
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 from keel.context import RequestContext
 
-__all__ = ["CONTENT_TYPE_LATEST", "observe_request", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "observe_guard_check", "observe_guardrails", "observe_request", "render"]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -25,6 +26,18 @@ OVERHEAD = Histogram(
 TTFT = Histogram("keel_time_to_first_token_seconds", "Streams: time to the first chunk", ["model"], buckets=_LATENCY)
 ATTEMPTS = Counter("keel_upstream_attempts_total", "Calls to upstream deployments", ["deployment", "outcome"])
 TOKENS = Counter("keel_tokens_total", "Tokens reported by upstreams", ["model", "kind"])
+_GUARD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+GUARD_CHECK = Histogram(
+    "keel_guardrail_check_seconds", "Time one guardrail check took", ["check", "direction"], buckets=_GUARD
+)
+GUARD_OUTCOMES = Counter(
+    "keel_guardrail_checks_total",
+    "Guardrail check results (pass, block, redact, warn, error, timeout)",
+    ["check", "direction", "outcome"],
+)
+GUARDRAILS = Histogram(
+    "keel_guardrails_seconds", "Wall time of all of one text's guardrail checks together", ["direction"], buckets=_GUARD
+)
 
 
 def observe_request(ctx: RequestContext, total_ms: float) -> None:
@@ -41,6 +54,24 @@ def observe_request(ctx: RequestContext, total_ms: float) -> None:
             n = ctx.usage.get(kind)
             if isinstance(n, int) and n > 0:
                 TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+
+
+_guard_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
+def observe_guard_check(check: str, direction: str, outcome: str, seconds: float) -> None:
+    # Labelled children are cached: several checks per message, and labels() costs more than the observation.
+    key = (check, direction, outcome)
+    children = _guard_children.get(key)
+    if children is None:
+        children = (GUARD_CHECK.labels(check, direction), GUARD_OUTCOMES.labels(check, direction, outcome))
+        _guard_children[key] = children
+    children[0].observe(seconds)
+    children[1].inc()
+
+
+def observe_guardrails(direction: str, seconds: float) -> None:
+    GUARDRAILS.labels(direction).observe(seconds)
 
 
 def render() -> bytes:
