@@ -48,7 +48,7 @@ from keel.embed import LocalEmbedder
 from keel.guard.base import GuardInput
 from keel.guard.injection import InjectionCheck
 from keel.guard.pii import ENTITIES, find_urls, scan
-from keel.guard.registry import build_app_guards
+from keel.guard.registry import build_guards
 from keel.guard.topic import CHITCHAT_INTENTS, NEAR_DOMAIN_INTENTS, TopicCheck
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ async def topic(data: Data, embed: Callable[..., Any], verbose: bool) -> None:
 
 async def latency(data: Data, messages: int) -> None:
     config = load_config(CONFIG, env={})
-    guards = build_app_guards(next(a for a in config.apps if a.name == APP))
+    guards = build_guards(config)[APP]
     assert guards.input is not None
     runner = guards.input
     embedder = LocalEmbedder()  # a cache that has seen none of the messages below
