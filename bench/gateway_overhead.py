@@ -5,7 +5,8 @@ Two phases, each run in one invocation so the baseline shares the machine's nois
 1. Latency: the same closed-loop load (``--concurrency`` connections, non-streaming chat) goes straight to the fake
    upstream (the baseline) and through Keel, in alternating rounds. The fake answers after ``--delay-ms`` to
    stand in for a model; the figure that matters is the difference between the two latency distributions.
-2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete.
+2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete, and the CPU
+   time Keel spent per request over them.
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs). Keel runs with its default
 pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
@@ -50,6 +51,12 @@ async def wait_ready(url: str, timeout: float = 30) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used (a steadier figure than latency on a noisy machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -176,6 +183,7 @@ async def run_phases(args: argparse.Namespace, slow_port: int, up_port: int, kee
         print(f"  after warm-up: {base / 1024:.1f}")
         done = 0
         t0 = time.perf_counter()
+        cpu0 = cpu_s(keel_pid)
         samples = []
         while done < args.soak:
             await load(keel_url, fast_body, step, args.concurrency)
@@ -186,6 +194,7 @@ async def run_phases(args: argparse.Namespace, slow_port: int, up_port: int, kee
             f"  growth over the soak: {(samples[-1] - base) / 1024:+.1f} MiB; over its second half: "
             f"{(samples[-1] - samples[len(samples) // 2 - 1]) / 1024:+.1f} MiB"
         )
+        print(f"  Keel CPU per request: {(cpu_s(keel_pid) - cpu0) / done * 1e6:.0f} us (user + system, all threads)")
 
 
 if __name__ == "__main__":
