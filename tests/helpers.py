@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+import aiohttp
 import uvicorn
 
 from keel.app import create_app
@@ -57,3 +58,17 @@ ONE_MODEL = """
 
 def chat_body(content: str = "hello there", **kw: Any) -> dict[str, Any]:
     return {"model": "smart", "messages": [{"role": "user", "content": content}], **kw}
+
+
+async def read_sse(resp: aiohttp.ClientResponse) -> list[tuple[str | None, str]]:
+    """A stream's [(event, data)], read raw, so an error event or a missing [DONE] is visible."""
+    events: list[tuple[str | None, str]] = []
+    event = None
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            events.append((event, line[5:].strip()))
+            event = None
+    return events

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from helpers import KeelServer
+from helpers import KeelServer, read_sse
 from keel.testing.fake_upstream import FakeUpstreamThread
 
 Keel = Callable[..., KeelServer]
@@ -88,18 +88,9 @@ class Client:
     async def stream(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> list[Any]:
         """[(event, data)] read raw, so an error event or a missing [DONE] shows."""
         h = {"Authorization": f"Bearer {MASTER}", **(headers or {})}
-        events: list[tuple[str | None, str]] = []
         async with self.http.post(self.url + path, json={**body, "stream": True}, headers=h) as resp:
             assert resp.status == 200, await resp.text()
-            event = None
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, line[5:].strip()))
-                    event = None
-        return events
+            return await read_sse(resp)
 
 
 def streamed_text(events: list[tuple[str | None, str]]) -> str:

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import update
 
 from fixtures.postgres_server import PostgresServer
-from helpers import KeelServer
+from helpers import KeelServer, read_sse
 from keel.history import SUMMARY_PREFIX, TiktokenCounter
 from keel.store import Database
 from keel.store.models import ChatSession, utcnow
@@ -91,20 +91,11 @@ class Client:
 
     async def stream(self, sid: str, content: str) -> tuple[int, list[tuple[str | None, str]]]:
         """(status, [(event, data)]) read raw, so a missing [DONE] or an error event is visible."""
-        events: list[tuple[str | None, str]] = []
         body = {"content": content, "stream": True}
         async with self.s.post(f"{self.url}/v1/sessions/{sid}/messages", json=body) as resp:
             if resp.status != 200:
                 return resp.status, [(None, await resp.text())]
-            event = None
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\r\n")
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    events.append((event, line[5:].strip()))
-                    event = None
-        return resp.status, events
+            return resp.status, await read_sse(resp)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from helpers import ONE_MODEL, KeelServer, chat_body
+from helpers import ONE_MODEL, KeelServer, chat_body, read_sse
 from keel.llm.router import Breaker
 from keel.testing.fake_upstream import FakeUpstreamThread
 
@@ -28,19 +28,10 @@ async def post(server: KeelServer, body: dict[str, Any], timeout: float = 10) ->
 
 async def sse(server: KeelServer, body: dict[str, Any]) -> tuple[int, list[tuple[str | None, str]]]:
     """(status, [(event, data)]) read raw, so a missing [DONE] or an error event is visible."""
-    events: list[tuple[str | None, str]] = []
     async with aiohttp.ClientSession() as s, s.post(server.url + "/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             return resp.status, [(None, await resp.text())]
-        event = None
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                events.append((event, line[5:].strip()))
-                event = None
-    return resp.status, events
+        return resp.status, await read_sse(resp)
 
 
 # -- retries -----------------------------------------------------------------------------------------------------
