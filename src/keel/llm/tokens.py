@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["estimate_usage"]
+__all__ = ["estimate_usage", "message_text"]
+
+
+def message_text(content: Any) -> str:
+    """An OpenAI message's text: the string, or its text parts joined by newlines (other parts have none)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 def _chars(value: Any) -> int:
