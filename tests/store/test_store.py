@@ -15,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, insert, text
 from sqlalchemy.exc import IntegrityError
 
 from fixtures.postgres_server import PostgresServer
@@ -31,7 +31,8 @@ from keel.store import (
     hash_secret,
 )
 from keel.store.db import MIGRATION_LOCK_ID, _upgrade_head, normalize_url
-from keel.store.models import Base
+from keel.store.models import Base, SpendRecord
+from keel.store.spend import _row
 
 
 def _heads() -> frozenset[str]:
@@ -421,6 +422,30 @@ async def test_spend_insert_many_validates_and_fills_defaults(database: Database
             "unpriced_requests": 1,
         }
     ]
+
+
+async def test_sqlite_ledger_batch_stores_what_an_executemany_would(tmp_path: Path) -> None:
+    """On SQLite a batch goes in as one JSON parameter (see spend.py); every value must land with the same text
+    and SQLite type as SQLAlchemy's own executemany writes it, or reads and sums would differ between the two."""
+    odd = spend("é ünï \" '", T0.astimezone(timezone(timedelta(hours=5))), 2**53 + 1, latency_ms=0.1, key_id="k")
+    records = [spend("a", T0, 300), spend("b", T0 + timedelta(microseconds=7), None, prompt_version=3), odd]
+    stored = []
+    for name in ("json", "executemany"):
+        db = Database.from_url(f"sqlite+aiosqlite:///{tmp_path / name}.db")
+        await db.migrate()
+        if name == "json":
+            await SpendRepository(db).insert_many(records)
+        else:
+            rows = [_row(i, r, T0) for i, r in enumerate(records)]
+            async with db.engine.begin() as conn:
+                await conn.execute(insert(SpendRecord), rows)
+        columns = [c.name for c in SpendRecord.__table__.columns]
+        typed = ", ".join(f"{c}, typeof({c})" for c in columns)
+        async with db.engine.connect() as conn:
+            stored.append((await conn.exec_driver_sql(f"SELECT {typed} FROM spend_records ORDER BY id")).all())
+        await db.dispose()
+    assert len(stored[0]) == 3
+    assert stored[0] == stored[1]
 
 
 # --- BatchWriter ---------------------------------------------------------------------------------------------
