@@ -15,10 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from keel.api import admin, guardrails, health, openai, prompts, sessions
-from keel.api.http import RequestIdMiddleware, error_response
+from keel.api.fastpath import FastPathApp
+from keel.api.http import RequestIdMiddleware, error_response, internal_error
 from keel.api.state import AppState
 from keel.config import KeelConfig, load_config
 from keel.embed import build_embedder
@@ -29,6 +29,7 @@ from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
 from keel.observe.logs import setup_logging, shutdown_logging
+from keel.observe.metrics import register_models
 from keel.pipeline import Pipeline, Stage
 from keel.pipeline.accounting import Accounting
 from keel.pipeline.admission import AdmissionStage, EmergencyMode
@@ -57,6 +58,7 @@ def create_app(config: KeelConfig) -> FastAPI:
         )
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
         router = Router(config, lambda d: build_provider(d, session))
+        register_models(router.names)
         try:  # a bad guardrail option stops the start, before anything else opens
             guards = build_guards(config, router=router)
         except BaseException:
@@ -149,9 +151,8 @@ def create_app(config: KeelConfig) -> FastAPI:
             await db.dispose()
             shutdown_logging()
 
-    app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    hot = [*openai.HOT_ROUTES, *guardrails.HOT_ROUTES]
-    app.router.routes[:0] = [Route(path, fn, methods=methods) for path, fn, methods in hot]
+    app = FastPathApp(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.set_hot_routes([*openai.HOT_ROUTES, *guardrails.HOT_ROUTES])
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)
@@ -184,7 +185,7 @@ def create_app(config: KeelConfig) -> FastAPI:
     async def unexpected(request: Request, exc: Exception) -> Response:
         rid = getattr(request.state, "request_id", "-")
         log.exception("unhandled error", extra={"fields": {"request_id": rid, "path": request.url.path}})
-        return error_response(KeelError(f"Internal error; the request id {rid} identifies it in the server logs."))
+        return internal_error(rid)
 
     return app
 

@@ -191,6 +191,39 @@ async def test_request_id_is_honoured_and_logged_once(keel: Keel) -> None:
     assert fields["attempts"][0]["outcome"] == "ok" and fields["latency_ms"] > 0
 
 
+async def test_an_unexpected_error_on_a_fast_path_route_is_a_logged_500(
+    keel: Keel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot routes bypass Starlette's error middleware (keel.api.fastpath): a bug must still answer an
+    OpenAI-style 500 carrying the request id, be logged with it, and leave the worker serving."""
+    server = keel(ONE_MODEL)
+    state = server.app.state.keel
+
+    async def broken(ctx: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(state.pipeline, "chat", broken)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("keel.app").addHandler(handler)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 500
+                rid = resp.headers["x-request-id"]
+                error = (await resp.json())["error"]
+            monkeypatch.undo()
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 200
+    finally:
+        logging.getLogger("keel.app").removeHandler(handler)
+    assert error["type"] == "server_error" and rid in error["message"] and "a bug" not in error["message"]
+    logged = [r for r in records if r.getMessage() == "unhandled error"]
+    assert len(logged) == 1 and logged[0].fields["request_id"] == rid  # type: ignore[attr-defined]
+    assert logged[0].exc_info is not None
+
+
 async def test_health_ready_metrics(keel: Keel) -> None:
     server = keel(ONE_MODEL)
     async with aiohttp.ClientSession() as s:
@@ -201,9 +234,14 @@ async def test_health_ready_metrics(keel: Keel) -> None:
             assert resp.status == 200 and body["checks"]["models"]["smart"]["ok"] is True
         async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
             assert resp.status == 200
+        for i in range(3):  # made-up model names: 404s, counted under one label, not one series each
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body(model=f"made-up-{i}")) as resp:
+                assert resp.status == 404
         async with s.get(server.url + "/metrics") as resp:
             text = await resp.text()
     assert 'keel_requests_total{model="smart",route="openai.chat",status="200"}' in text
+    assert 'keel_requests_total{model="unknown",route="openai.chat",status="404"}' in text
+    assert "made-up" not in text
     assert "keel_overhead_seconds_bucket" in text
 
 

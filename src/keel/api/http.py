@@ -17,7 +17,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keel.errors import InvalidRequest, KeelError
 
-__all__ = ["ClientClosed", "RequestIdMiddleware", "error_response", "json_response", "read_json", "until_disconnect"]
+__all__ = [
+    "ClientClosed",
+    "RequestIdMiddleware",
+    "assign_request_id",
+    "error_response",
+    "internal_error",
+    "json_response",
+    "read_json",
+    "until_disconnect",
+]
 
 T = TypeVar("T")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -62,6 +71,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         ) from None
 
 
+def internal_error(request_id: str) -> Response:
+    """The 500 for an unexpected exception: no detail for the client, only the id that finds it in the logs."""
+    return error_response(KeelError(f"Internal error; the request id {request_id} identifies it in the server logs."))
+
+
 def _too_large(max_bytes: int) -> InvalidRequest:
     return InvalidRequest(
         f"The request body is larger than {max_bytes} bytes (server.max_body_bytes).",
@@ -100,6 +114,22 @@ async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def assign_request_id(scope: Scope) -> tuple[bytes, bytes]:
+    """Put the request's id in ``scope["state"]`` (the client's ``X-Request-ID`` when it is sane, else a new
+    one) and return the response header that echoes it."""
+    rid = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _SAFE_ID.match(candidate):
+                rid = candidate
+            break
+    if rid is None:
+        rid = f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    scope.setdefault("state", {})["request_id"] = rid
+    return (b"x-request-id", rid.encode("latin-1"))
+
+
 class RequestIdMiddleware:
     """Give every request an id (the client's ``X-Request-ID`` when it is sane) and echo it on the response."""
 
@@ -110,17 +140,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _SAFE_ID.match(candidate):
-                    rid = candidate
-                break
-        if rid is None:
-            rid = f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode("latin-1"))
+        header = assign_request_id(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

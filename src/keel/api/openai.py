@@ -122,6 +122,5 @@ async def get_model(request: Request, name: str) -> Response:
     return json_response(_model_card(name, state.started))
 
 
-# Served as plain Starlette routes ahead of the documented FastAPI ones (same handlers): FastAPI's per-request
-# dependency solving is a measurable share of Keel's overhead on the paths every model call takes.
+# Dispatched by keel.api.fastpath ahead of the middleware stack; the FastAPI routes above document them.
 HOT_ROUTES = (("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/embeddings", embeddings, ["POST"]))

@@ -10,7 +10,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from keel.context import RequestContext
 
-__all__ = ["CONTENT_TYPE_LATEST", "observe_guard_check", "observe_guardrails", "observe_request", "render"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "observe_guard_check",
+    "observe_guardrails",
+    "observe_request",
+    "register_models",
+    "render",
+]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -40,11 +47,31 @@ GUARDRAILS = Histogram(
 )
 
 
+_models: set[str] = set()
+_request_children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+
+def register_models(names: list[str]) -> None:
+    """The public model names that may appear as a ``model`` label. Anything else a client sends is counted as
+    ``unknown``: a label per made-up name would grow the registry (and every scrape) without bound."""
+    _models.update(names)
+
+
 def observe_request(ctx: RequestContext, total_ms: float) -> None:
-    model = ctx.public_model or "-"
-    REQUESTS.labels(ctx.route, model, str(ctx.status)).inc()
-    DURATION.labels(ctx.route, model).observe(total_ms / 1000)
-    OVERHEAD.labels(ctx.route).observe(max(0.0, total_ms - ctx.upstream_ms) / 1000)
+    model = "-" if ctx.public_model is None else ctx.public_model if ctx.public_model in _models else "unknown"
+    # Labelled children are cached: labels() costs more than the observations themselves.
+    key = (ctx.route, model, ctx.status)
+    children = _request_children.get(key)
+    if children is None:
+        children = (
+            REQUESTS.labels(ctx.route, model, str(ctx.status)),
+            DURATION.labels(ctx.route, model),
+            OVERHEAD.labels(ctx.route),
+        )
+        _request_children[key] = children
+    children[0].inc()
+    children[1].observe(total_ms / 1000)
+    children[2].observe(max(0.0, total_ms - ctx.upstream_ms) / 1000)
     if ctx.ttft_ms is not None:
         TTFT.labels(model).observe(ctx.ttft_ms / 1000)
     for a in ctx.attempts:
