@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from keel.api.protocol import KeelHttpProtocol
 from keel.app import create_app
 from keel.config import KeelConfig
 
@@ -26,7 +27,7 @@ class KeelServer:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.app = create_app(config)
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, loop="asyncio", http="httptools", log_level="warning", access_log=False)
+            uvicorn.Config(self.app, loop="asyncio", http=KeelHttpProtocol, log_level="warning", access_log=False)
         )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
 

@@ -54,6 +54,8 @@ def serve(
     """Serve the OpenAI-compatible API and the app routes."""
     import uvicorn
 
+    from keel.api.protocol import KeelHttpProtocol
+
     path, cfg = _load(config)
     _check_guardrails(path, cfg)
     host = host or cfg.server.host
@@ -95,7 +97,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=KeelHttpProtocol,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
