@@ -3,10 +3,18 @@
 Two phases, each run in one invocation so the baseline shares the machine's noise:
 
 1. Latency: the same closed-loop load (``--concurrency`` connections, non-streaming chat) goes straight to the fake
-   upstream (the baseline) and through Keel, in alternating rounds. The fake answers after ``--delay-ms`` to
-   stand in for a model; the figure that matters is the difference between the two latency distributions.
-2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete, and the CPU
-   time Keel spent per request over them.
+   upstream (the baseline) and through Keel, in alternating rounds; the figure that matters is the difference
+   between the two latency distributions. Two upstreams stand in for a model:
+
+   - *jittered*: each answer takes ``--delay-ms`` ± ``--jitter-ms`` (uniform), as a real model's time varies, so
+     the connections' requests arrive spread out;
+   - *lock-step*: each answer takes exactly ``--delay-ms``. Closed-loop clients of a fixed-delay upstream fall into
+     step, so all ``--concurrency`` requests reach Keel within a fraction of a millisecond of each other and the
+     last one waits for Keel to handle the other fifteen: a worst case that measures queueing on one event loop
+     rather than the cost of a request.
+
+2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete, the CPU time
+   Keel spent per request, and at the end the spend ledger's backlog (rows not yet written) from ``/ready``.
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs). Keel runs with its default
 pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
@@ -97,13 +105,14 @@ def pct(values: list[float], p: float) -> float:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--delay-ms", type=float, default=50.0, help="the fake upstream's answer time")
+    ap.add_argument("--delay-ms", type=float, default=50.0, help="the fake upstream's (mean) answer time")
+    ap.add_argument("--jitter-ms", type=float, default=25.0, help="the jittered upstream's answer time varies ± this")
     ap.add_argument("--requests", type=int, default=3000, help="per round and target")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--soak", type=int, default=100_000, help="requests for the memory phase (0 to skip)")
     args = ap.parse_args()
 
-    up_port, slow_port, keel_port = free_port(), free_port(), free_port()
+    up_port, slow_port, jitter_port, keel_port = free_port(), free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "keel.yaml"
@@ -112,10 +121,15 @@ async def main() -> None:
             "server: {upstream_connections: 256}\n"
             "models:\n"
             f"  - {{name: bench, model: m, api_base: 'http://127.0.0.1:{slow_port}/v1', api_key: k}}\n"
+            f"  - {{name: jittered, model: m, api_base: 'http://127.0.0.1:{jitter_port}/v1', api_key: k}}\n"
             f"  - {{name: fast, model: m, api_base: 'http://127.0.0.1:{up_port}/v1', api_key: k}}\n"
         )
         fake = [str(BIN / "python"), "-m", "keel.testing.fake_upstream", "--no-record"]
         procs.append(subprocess.Popen([*fake, "--port", str(slow_port), "--delay-s", str(args.delay_ms / 1000)]))
+        jitter = ["--delay-jitter-s", str(args.jitter_ms / 1000), "--seed", "1"]
+        procs.append(
+            subprocess.Popen([*fake, "--port", str(jitter_port), "--delay-s", str(args.delay_ms / 1000), *jitter])
+        )
         procs.append(subprocess.Popen([*fake, "--port", str(up_port)]))
         keel = subprocess.Popen(
             [str(BIN / "keel"), "serve", "--config", str(cfg), "--port", str(keel_port)],
@@ -126,8 +140,9 @@ async def main() -> None:
         try:
             await wait_ready(f"http://127.0.0.1:{slow_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{up_port}/v1/models")
+            await wait_ready(f"http://127.0.0.1:{jitter_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{keel_port}/health")
-            await run_phases(args, slow_port, up_port, keel_port, keel.pid)
+            await run_phases(args, {"jittered": jitter_port, "lock-step": slow_port}, keel_port, keel.pid)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -138,41 +153,42 @@ async def main() -> None:
                     p.kill()
 
 
-async def run_phases(args: argparse.Namespace, slow_port: int, up_port: int, keel_port: int, keel_pid: int) -> None:
+async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_port: int, keel_pid: int) -> None:
     messages = [
         {"role": "system", "content": "You are a phone expert."},
         {"role": "user", "content": "Which phone has the biggest battery in 2024?"},
     ]
-    direct_url = f"http://127.0.0.1:{slow_port}/v1/chat/completions"
     keel_url = f"http://127.0.0.1:{keel_port}/v1/chat/completions"
-    direct_body = orjson.dumps({"model": "m", "messages": messages})
-    keel_body = orjson.dumps({"model": "bench", "messages": messages})
-
     print(
         f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; concurrency {args.concurrency}; "
-        f"fake upstream answers in {args.delay_ms:g} ms"
+        f"fake upstream answers in {args.delay_ms:g} ms (jittered: ± {args.jitter_ms:g} ms)"
     )
-    await load(keel_url, keel_body, 500, args.concurrency)  # warm-up: connections, caches, JIT-free but lazy paths
-    await load(direct_url, direct_body, 500, args.concurrency)
-    direct: list[float] = []
-    via: list[float] = []
-    for r in range(args.rounds):
-        d = await load(direct_url, direct_body, args.requests, args.concurrency)
-        k = await load(keel_url, keel_body, args.requests, args.concurrency)
-        direct += d
-        via += k
-        print(f"  round {r + 1}: direct p50 {pct(d, 50):.2f} ms, via Keel p50 {pct(k, 50):.2f} ms")
-    print(f"\nlatency over {len(via)} requests each (ms)")
-    print(f"{'':>12} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
-    for name, values in (("direct", direct), ("via Keel", via)):
+    for name, port in upstreams.items():
+        direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        direct_body = orjson.dumps({"model": "m", "messages": messages})
+        keel_body = orjson.dumps({"model": "bench" if name == "lock-step" else name, "messages": messages})
+        await load(keel_url, keel_body, 500, args.concurrency)  # warm-up: connections, caches, lazy paths
+        await load(direct_url, direct_body, 500, args.concurrency)
+        direct: list[float] = []
+        via: list[float] = []
+        print(f"\n{name} upstream")
+        for r in range(args.rounds):
+            d = await load(direct_url, direct_body, args.requests, args.concurrency)
+            k = await load(keel_url, keel_body, args.requests, args.concurrency)
+            direct += d
+            via += k
+            print(f"  round {r + 1}: direct p50 {pct(d, 50):.2f} ms, via Keel p50 {pct(k, 50):.2f} ms")
+        print(f"  latency over {len(via)} requests each (ms)")
+        print(f"{'':>12} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
+        for label, values in (("direct", direct), ("via Keel", via)):
+            print(
+                f"{label:>12} {pct(values, 50):8.2f} {pct(values, 90):8.2f} {pct(values, 99):8.2f} "
+                f"{statistics.fmean(values):8.2f}"
+            )
         print(
-            f"{name:>12} {pct(values, 50):8.2f} {pct(values, 90):8.2f} {pct(values, 99):8.2f} "
-            f"{statistics.fmean(values):8.2f}"
+            f"{'added':>12} {pct(via, 50) - pct(direct, 50):8.2f} {pct(via, 90) - pct(direct, 90):8.2f} "
+            f"{pct(via, 99) - pct(direct, 99):8.2f} {statistics.fmean(via) - statistics.fmean(direct):8.2f}"
         )
-    print(
-        f"{'added':>12} {pct(via, 50) - pct(direct, 50):8.2f} {pct(via, 90) - pct(direct, 90):8.2f} "
-        f"{pct(via, 99) - pct(direct, 99):8.2f} {statistics.fmean(via) - statistics.fmean(direct):8.2f}"
-    )
 
     if args.soak:
         fast_body = orjson.dumps({"model": "fast", "messages": messages})
@@ -195,6 +211,10 @@ async def run_phases(args: argparse.Namespace, slow_port: int, up_port: int, kee
             f"{(samples[-1] - samples[len(samples) // 2 - 1]) / 1024:+.1f} MiB"
         )
         print(f"  Keel CPU per request: {(cpu_s(keel_pid) - cpu0) / done * 1e6:.0f} us (user + system, all threads)")
+        await asyncio.sleep(2)  # one ledger flush interval, and then some
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{keel_port}/ready") as r:
+            ledger = (await r.json())["checks"]["database"]
+        print(f"  spend ledger 2 s later: {ledger['ledger_pending']} rows pending, {ledger['ledger_dropped']} dropped")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,23 @@ async def test_delay_and_hang_time_out_and_count_cancellations(fake: FakeUpstrea
     await _eventually(lambda: fake.stats["cancelled"] == 2 and fake.stats["active"] == 0)
 
 
+def test_jittered_delays_spread_around_the_default() -> None:
+    """``delay_jitter_s`` draws each request's wait from delay ± jitter (seeded), unless a step sets ``delay_s``."""
+    with FakeUpstreamThread(delay_s=0.05, delay_jitter_s=0.04, seed=7, record=False) as upstream:
+        client = openai.OpenAI(base_url=f"{upstream.base_url}/v1", api_key="k", max_retries=0)
+        times = []
+        for _ in range(12):
+            t0 = time.perf_counter()
+            client.chat.completions.create(model="m", messages=USER)
+            times.append(time.perf_counter() - t0)
+        upstream.script({"delay_s": 0.0})
+        t0 = time.perf_counter()
+        client.chat.completions.create(model="m", messages=USER)
+        scripted = time.perf_counter() - t0
+    assert min(times) >= 0.01 and min(times) < 0.035 and max(times) > 0.065
+    assert scripted < 0.01 + min(times)
+
+
 async def test_client_disconnect_mid_stream_cancels(fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     fake.script({"chunk_delay_s": 0.5})
     body = {"model": "m", "messages": USER, "stream": True}

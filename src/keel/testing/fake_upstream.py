@@ -4,7 +4,7 @@ Run it on the current event loop (:class:`FakeUpstream`), on a loop in a daemon 
 or as a process, which prints ``fake upstream listening on http://HOST:PORT`` once it is up::
 
     python -m keel.testing.fake_upstream --host 127.0.0.1 --port 9100 \\
-        [--delay-s 0.0] [--chunk-delay-s 0.0] [--api-key KEY] [--no-record]
+        [--delay-s 0.0] [--delay-jitter-s 0.0] [--seed N] [--chunk-delay-s 0.0] [--api-key KEY] [--no-record]
 
 Routes: ``POST /v1/chat/completions`` (OpenAI; ``stream: true`` for SSE), ``GET /v1/models``, ``POST /v1/embeddings``
 (deterministic unit vectors hashed from each input, 8 dimensions unless the request says ``dimensions``) and
@@ -546,9 +546,20 @@ class FakeUpstream:
     """The fake upstream on the running event loop. See the module docstring for the routes and the step language."""
 
     def __init__(
-        self, *, delay_s: float = 0.0, chunk_delay_s: float = 0.0, api_key: str | None = None, record: bool = True
+        self,
+        *,
+        delay_s: float = 0.0,
+        chunk_delay_s: float = 0.0,
+        api_key: str | None = None,
+        record: bool = True,
+        delay_jitter_s: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         self.delay_s = delay_s
+        # The default delay is drawn from [delay_s - jitter, delay_s + jitter] per request: a real model's answer
+        # time varies, and a fixed one makes closed-loop clients arrive in lock-step bursts.
+        self.delay_jitter_s = delay_jitter_s
+        self._rng = random.Random(seed)
         self.chunk_delay_s = chunk_delay_s
         self.api_key = api_key
         self.record = record
@@ -712,7 +723,12 @@ class FakeUpstream:
     async def _answer(
         self, request: web.Request, dialect: _Dialect, body: dict[str, Any], model: str, step: _Step
     ) -> web.StreamResponse:
-        delay = self.delay_s if step.delay_s is None else step.delay_s
+        if step.delay_s is not None:
+            delay = step.delay_s
+        elif self.delay_jitter_s:
+            delay = max(0.0, self._rng.uniform(self.delay_s - self.delay_jitter_s, self.delay_s + self.delay_jitter_s))
+        else:
+            delay = self.delay_s
         if delay > 0:
             await asyncio.sleep(delay)
         if step.hang:
@@ -834,10 +850,9 @@ class FakeUpstream:
 class FakeUpstreamThread:
     """A :class:`FakeUpstream` serving from its own event loop in a daemon thread; every method is thread-safe."""
 
-    def __init__(
-        self, *, delay_s: float = 0.0, chunk_delay_s: float = 0.0, api_key: str | None = None, record: bool = True
-    ) -> None:
-        self._upstream = FakeUpstream(delay_s=delay_s, chunk_delay_s=chunk_delay_s, api_key=api_key, record=record)
+    def __init__(self, **options: Any) -> None:
+        """``options`` are :class:`FakeUpstream`'s."""
+        self._upstream = FakeUpstream(**options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -945,11 +960,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9100, help="0 picks a free port (printed on startup)")
     parser.add_argument("--delay-s", type=float, default=0.0, help="default wait before response headers")
     parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="default wait between stream chunks")
+    parser.add_argument("--delay-jitter-s", type=float, default=0.0, help="draw each delay from delay ± this")
+    parser.add_argument("--seed", type=int, default=None, help="seed for the jittered delays")
     parser.add_argument("--api-key", default=None, help="require this key (Bearer / x-api-key)")
     parser.add_argument("--no-record", action="store_true", help="do not record requests for /_fake/requests")
     args = parser.parse_args(argv)
     upstream = FakeUpstream(
-        delay_s=args.delay_s, chunk_delay_s=args.chunk_delay_s, api_key=args.api_key, record=not args.no_record
+        delay_s=args.delay_s,
+        chunk_delay_s=args.chunk_delay_s,
+        api_key=args.api_key,
+        record=not args.no_record,
+        delay_jitter_s=args.delay_jitter_s,
+        seed=args.seed,
     )
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
