@@ -56,7 +56,11 @@ def create_app(config: KeelConfig) -> FastAPI:
         connector = aiohttp.TCPConnector(
             limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
         )
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False)
+        # No cookie jar: the session is shared by every tenant, and a cookie one upstream response sets (a load
+        # balancer's, say) must not ride along on everybody's later requests.
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         router = Router(config, lambda d: build_provider(d, session))
         register_models(router.names)
         try:  # a bad guardrail option stops the start, before anything else opens

@@ -224,6 +224,20 @@ async def test_an_unexpected_error_on_a_fast_path_route_is_a_logged_500(
     assert logged[0].exc_info is not None
 
 
+async def test_cookies_an_upstream_sets_are_not_sent_back(keel: Keel, fake: FakeUpstreamThread) -> None:
+    """One upstream session serves every tenant: a Set-Cookie must not follow later requests, anyone's."""
+    # By host name: aiohttp's default jar ignores cookies from IP addresses, which would hide a regression.
+    base = fake.base_url.replace("127.0.0.1", "localhost")
+    server = keel(f"  - {{name: smart, model: up-smart, api_base: '{base}/v1', api_key: k}}")
+    fake.script({"headers": {"Set-Cookie": "lb=tenant-a; Path=/"}})
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 200
+    first, second = fake.requests[-2:]
+    assert "cookie" not in first["headers"] and "cookie" not in second["headers"]
+
+
 async def test_health_ready_metrics(keel: Keel) -> None:
     server = keel(ONE_MODEL)
     async with aiohttp.ClientSession() as s:

@@ -215,6 +215,24 @@ async def test_429_with_retry_after_seen_by_raw_client(fake: FakeUpstream, http:
     assert error["code"] == "rate_limit_exceeded"
 
 
+async def test_scripted_headers_on_answers_streams_and_errors(fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    fake.script(
+        {"headers": {"Set-Cookie": "lb=1"}},
+        {"headers": {"x-stream": "yes"}},
+        {"headers": {"x-error": "yes"}, "status": 503, "retry_after": 2},
+    )
+    url = f"{fake.base_url}/v1/chat/completions"
+    async with http.post(url, json={"model": "m", "messages": USER}) as resp:
+        assert resp.status == 200 and resp.headers["Set-Cookie"] == "lb=1"
+    async with http.post(url, json={"model": "m", "messages": USER, "stream": True}) as resp:
+        assert resp.headers["x-stream"] == "yes" and resp.headers["Content-Type"].startswith("text/event-stream")
+        await resp.read()
+    async with http.post(url, json={"model": "m", "messages": USER}) as resp:
+        assert resp.status == 503 and resp.headers["x-error"] == "yes" and resp.headers["Retry-After"] == "2"
+    with pytest.raises(ValueError, match="headers must be an object of strings"):
+        fake.script({"headers": {"x": 1}})
+
+
 async def test_500_raises_in_sdk(fake: FakeUpstream, oai: openai.AsyncOpenAI) -> None:
     fake.script({"status": 500, "message": "boom"})
     with pytest.raises(openai.InternalServerError) as caught:

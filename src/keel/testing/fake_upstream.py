@@ -43,6 +43,7 @@ A step is a dict combining these keys:
 - ``malformed: true``: answer 200 with a body that is not JSON; streams: one event with broken JSON after the first
   content chunk.
 - ``hang: true``: never answer, until the client goes away or the server stops.
+- ``headers: {name: value}``: add these headers to the response (any status, streams too), e.g. ``Set-Cookie``.
 - ``times: int``: queue the step this many times (default 1).
 
 For example ``fake.script({"status": 429, "retry_after": 0.5}, {"content": "ok"}, model="gpt-4o")`` rate-limits the
@@ -106,6 +107,7 @@ _STEP_KEYS: Final = frozenset(
         "end_after_chunks",
         "first_chunk_delay_s",
         "hang",
+        "headers",
         "malformed",
         "message",
         "retry_after",
@@ -140,7 +142,7 @@ class _Step:
     message: str | None = None
     error_type: str | None = None
     code: str | None = None
-    error_headers: Mapping[str, str] | None = None
+    headers: Mapping[str, str] | None = None
     context_length_exceeded: bool = False
     delay_s: float | None = None
     first_chunk_delay_s: float = 0.0
@@ -190,7 +192,10 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
     usage = raw.get("usage") or {}
     if not isinstance(usage, Mapping):
         raise ValueError(f"usage must be an object, not {usage!r}")
-    headers = {}
+    extra = raw.get("headers") or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(v, str) for v in extra.values()):
+        raise ValueError(f"headers must be an object of strings, not {extra!r}")
+    headers = {str(k): v for k, v in extra.items()}
     if (retry_after := _opt_float(raw, "retry_after")) is not None:
         headers["Retry-After"] = _header_value(retry_after)
     if (retry_after_ms := _opt_float(raw, "retry_after_ms")) is not None:
@@ -206,7 +211,7 @@ def _parse_step(raw: Any) -> tuple[_Step, int]:
         message=_opt_str(raw, "message"),
         error_type=_opt_str(raw, "type"),
         code=_opt_str(raw, "code"),
-        error_headers=headers or None,
+        headers=headers or None,
         context_length_exceeded=bool(raw.get("context_length_exceeded")),
         delay_s=_opt_float(raw, "delay_s"),
         first_chunk_delay_s=_opt_float(raw, "first_chunk_delay_s") or 0.0,
@@ -735,17 +740,15 @@ class FakeUpstream:
             await asyncio.Event().wait()
         if step.status is not None:
             message = step.message or f"Fake upstream error (status {step.status})."
-            return _json(
-                step.status, dialect.error(step.status, message, step.error_type, step.code), step.error_headers
-            )
+            return _json(step.status, dialect.error(step.status, message, step.error_type, step.code), step.headers)
         reply = _reply(step, body)
         if step.context_length_exceeded:
             return _json(400, dialect.context_error(reply.prompt_tokens))
         if body.get("stream"):
             return await self._stream(request, dialect, dialect.frames(model, reply, body), step)
         if step.malformed:
-            return _json(200, _MALFORMED_BODY)
-        return _json(200, dialect.message(model, reply))
+            return _json(200, _MALFORMED_BODY, step.headers)
+        return _json(200, dialect.message(model, reply), step.headers)
 
     async def _stream(
         self, request: web.Request, dialect: _Dialect, frames: list[_Frame], step: _Step
@@ -757,7 +760,7 @@ class FakeUpstream:
         if step.end_after_chunks is not None:
             del frames[_cut_index(frames, step.end_after_chunks) :]
         gap = self.chunk_delay_s if step.chunk_delay_s is None else step.chunk_delay_s
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **(step.headers or {})})
         await response.prepare(request)
         self._active_streams += 1
         try:
