@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from helpers import ONE_MODEL, KeelServer, chat_body
+from keel.api import health
 from keel.testing.fake_upstream import FakeUpstreamThread
 
 Keel = Callable[..., KeelServer]
@@ -257,6 +259,35 @@ async def test_health_ready_metrics(keel: Keel) -> None:
     assert 'keel_requests_total{model="unknown",route="openai.chat",status="404"}' in text
     assert "made-up" not in text
     assert "keel_overhead_seconds_bucket" in text
+
+
+async def test_ready_reports_chunk_counts_without_counting_on_every_probe(
+    keel: Keel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = (
+        "apps:\n  - {name: assistant, model: smart, retrieval: {collection: phones}}\n"
+        f"vector_store: {{path: {tmp_path / 'vectors'}}}\n"
+    )
+    server = keel(ONE_MODEL, extra=extra)
+    vectors = server.app.state.keel.vectors
+    counted: list[str] = []
+    real_count = vectors.count
+
+    async def count(collection: str) -> int:
+        counted.append(collection)
+        return await real_count(collection)
+
+    monkeypatch.setattr(vectors, "count", count)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(server.url + "/ready") as resp:
+                index = (await resp.json())["checks"]["vector_index"]
+                assert resp.status == 200 and index["ok"] is True and index["chunks"] == {"phones": 0}
+        assert counted == ["phones"]  # once, then from the cache
+        monkeypatch.setattr(health, "CHUNK_COUNT_TTL_S", 0.0)
+        async with s.get(server.url + "/ready") as resp:
+            assert resp.status == 200
+    assert counted == ["phones", "phones"]
 
 
 ANTHROPIC = """

@@ -76,12 +76,23 @@ async def ready(request: Request) -> Response:
     if collections:  # retrieval degrades (answers go on without context), so it does not make Keel unready
         vectors = await _check(state.vectors.ping())
         if vectors["ok"]:
-            vectors["chunks"] = {c: await state.vectors.count(c) for c in collections}
+            vectors["chunks"] = await _chunk_counts(state, collections, now)
         checks["vector_index"] = vectors
     if emergency is not None:
         checks["emergency"] = emergency
     body = {"status": "ready" if all_ok else "degraded", "checks": checks}
     return json_response(body, 200 if all_ok else 503)
+
+
+CHUNK_COUNT_TTL_S = 30.0
+
+
+async def _chunk_counts(state: AppState, collections: list[str], now: float) -> dict[str, int]:
+    """Each collection's chunk count, at most ``CHUNK_COUNT_TTL_S`` old: a load balancer probes /ready every few
+    seconds on every worker, and with pgvector a count is a scan of the collection."""
+    if state.chunk_counts is None or now - state.chunk_counts[0] >= CHUNK_COUNT_TTL_S:
+        state.chunk_counts = (now, {c: await state.vectors.count(c) for c in collections})
+    return state.chunk_counts[1]
 
 
 @router.get("/metrics")

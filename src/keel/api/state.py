@@ -50,3 +50,4 @@ class AppState:
     embedder: Embedder  # the one shared embedder (retrieval, ingest, guardrails)
     vectors: VectorIndex
     guards: dict[str, AppGuards] = field(default_factory=dict)  # apps with guardrails, built once at start
+    chunk_counts: tuple[float, dict[str, int]] | None = None  # /ready's last count of each collection, and when
