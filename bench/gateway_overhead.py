@@ -13,8 +13,9 @@ Two phases, each run in one invocation so the baseline shares the machine's nois
      last one waits for Keel to handle the other fifteen: a worst case that measures queueing on one event loop
      rather than the cost of a request.
 
-2. Memory: ``--soak`` requests through Keel as fast as it goes, sampling Keel's RSS as they complete, the CPU time
-   Keel spent per request, and at the end the spend ledger's backlog (rows not yet written) from ``/ready``.
+2. Memory: ``--soak`` requests through Keel as fast as it goes (``--stream``: streamed answers), sampling Keel's
+   RSS as they complete, the CPU time Keel spent per request, and at the end the spend ledger's backlog (rows not
+   yet written) from ``/ready``.
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs). Keel runs with its default
 pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
@@ -110,6 +111,7 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=3000, help="per round and target")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--soak", type=int, default=100_000, help="requests for the memory phase (0 to skip)")
+    ap.add_argument("--stream", action="store_true", help="the memory phase streams its answers (SSE)")
     args = ap.parse_args()
 
     up_port, slow_port, jitter_port, keel_port = free_port(), free_port(), free_port(), free_port()
@@ -191,11 +193,12 @@ async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_p
         )
 
     if args.soak:
-        fast_body = orjson.dumps({"model": "fast", "messages": messages})
+        fast_body = orjson.dumps({"model": "fast", "messages": messages, "stream": args.stream})
         step = max(1, args.soak // 10)
         await load(keel_url, fast_body, 2000, args.concurrency)
         base = rss_kib(keel_pid)
-        print(f"\nmemory: {args.soak} requests through Keel (upstream answers at once); Keel RSS in MiB")
+        kind = "streamed" if args.stream else "non-streaming"
+        print(f"\nmemory: {args.soak} {kind} requests through Keel (upstream answers at once); Keel RSS in MiB")
         print(f"  after warm-up: {base / 1024:.1f}")
         done = 0
         t0 = time.perf_counter()
