@@ -6,7 +6,8 @@ middlewares, the request-id middleware, FastAPI's exit stack and the route match
 every ``send`` in another coroutine layer, and together they cost about as much CPU as Keel's own pipeline. The
 handlers are the same functions the documented FastAPI routes serve (so ``/docs`` still describes them), they do
 their own error handling, and the fast path adds what the stack would have: the request id, and a logged 500 for
-an unexpected exception.
+an unexpected exception. Middleware added with ``app.add_middleware`` does not see these routes: give the fast
+path whatever a new middleware must do on them.
 """
 
 from __future__ import annotations
