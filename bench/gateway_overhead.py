@@ -17,8 +17,9 @@ Two phases, each run in one invocation so the baseline shares the machine's nois
    RSS as they complete, the CPU time Keel spent per request, and at the end the spend ledger's backlog (rows not
    yet written) from ``/ready``.
 
-Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs). Keel runs with its default
-pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
+Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs; ``--pin`` gives Keel a core of its own,
+away from the load generator and the fakes, as in a deployment where those are other machines). Keel runs with its
+default pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--soak", type=int, default=100_000, help="requests for the memory phase (0 to skip)")
     ap.add_argument("--stream", action="store_true", help="the memory phase streams its answers (SSE)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="run Keel on the last core and this load generator and the fake upstreams on the others, as when "
+        "clients and upstreams are other machines",
+    )
     args = ap.parse_args()
 
     up_port, slow_port, jitter_port, keel_port = free_port(), free_port(), free_port(), free_port()
@@ -126,6 +133,13 @@ async def main() -> None:
             f"  - {{name: jittered, model: m, api_base: 'http://127.0.0.1:{jitter_port}/v1', api_key: k}}\n"
             f"  - {{name: fast, model: m, api_base: 'http://127.0.0.1:{up_port}/v1', api_key: k}}\n"
         )
+        keel_cpus: set[int] | None = None
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs at least 2 cores")
+            keel_cpus = {cpus[-1]}
+            os.sched_setaffinity(0, set(cpus[:-1]))  # this process, and the fakes it starts next
         fake = [str(BIN / "python"), "-m", "keel.testing.fake_upstream", "--no-record"]
         procs.append(subprocess.Popen([*fake, "--port", str(slow_port), "--delay-s", str(args.delay_ms / 1000)]))
         jitter = ["--delay-jitter-s", str(args.jitter_ms / 1000), "--seed", "1"]
@@ -137,6 +151,7 @@ async def main() -> None:
             [str(BIN / "keel"), "serve", "--config", str(cfg), "--port", str(keel_port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
         )
         procs.append(keel)
         try:
@@ -164,6 +179,7 @@ async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_p
     print(
         f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; concurrency {args.concurrency}; "
         f"fake upstream answers in {args.delay_ms:g} ms (jittered: ± {args.jitter_ms:g} ms)"
+        + ("; Keel pinned to its own core" if args.pin else "; Keel shares the cores with the load and the fakes")
     )
     for name, port in upstreams.items():
         direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -215,8 +231,8 @@ async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_p
         )
         print(f"  Keel CPU per request: {(cpu_s(keel_pid) - cpu0) / done * 1e6:.0f} us (user + system, all threads)")
         await asyncio.sleep(2)  # one ledger flush interval, and then some
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{keel_port}/ready") as r:
-            ledger = (await r.json())["checks"]["database"]
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{keel_port}/ready") as resp:
+            ledger = (await resp.json())["checks"]["database"]
         print(f"  spend ledger 2 s later: {ledger['ledger_pending']} rows pending, {ledger['ledger_dropped']} dropped")
 
 
