@@ -449,8 +449,10 @@ class History:
         summary: str | None,
         history: Sequence[HistoryMessage],
         new: Message,
+        model: str | None = None,
     ) -> tuple[BuiltContext, Budget]:
-        budget = self.budget(app.model, app.history.reserve_output_tokens)
+        """The prompt for ``new``, within the context window of ``model`` (default: the app's)."""
+        budget = self.budget(model or app.model, app.history.reserve_output_tokens)
         built = await build_context(
             system=system,
             summary=summary,

@@ -176,6 +176,34 @@ async def test_300_turns_always_fit_with_system_prompt_pinned_message_and_summar
     assert session["summary"]["upto_seq"] == 2 * len(questions) + 2 and session["message_count"] == 2 * turns
 
 
+async def test_a_prompt_versions_model_serves_the_turn_with_its_window(
+    keel: Keel, fake: FakeUpstreamThread, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A managed prompt that names a model moves the turn to it: the upstream call, the headers, and the history
+    budget (a question too long for the app's 400-token model fits the prompt's bigger one)."""
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "roomy-prompt.yaml").write_text("name: roomy-prompt\nmodel: roomy\nsystem: Be brief.\n")
+    extra = f"""
+prompts_dir: {tmp_path / "prompts"}
+apps:
+  - {{name: small, model: chat, history: {{strategy: window}}}}
+  - {{name: moved, model: chat, prompt: {{name: roomy-prompt}}, history: {{strategy: window}}}}
+"""
+    c = Client(keel(MODELS, extra=extra), http)
+    question = "Which phone? " + "battery " * 500
+    status, body = await c.say(await c.new_session("small"), question)
+    assert status == 413 and body["error"]["code"] == "context_length_exceeded"  # too long for the app's model
+    async with http.post(
+        f"{c.url}/v1/sessions/{await c.new_session('moved')}/messages", json={"content": question}
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert resp.headers["x-keel-model"] == "roomy" and resp.headers["x-keel-deployment"] == "roomy"
+    sent = chat_requests(fake, "gpt-4o-mini")[-1]
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["messages"][-1]["content"] == question
+
+
 async def test_window_strategy_drops_without_summary(
     keel: Keel, fake: FakeUpstreamThread, http: aiohttp.ClientSession
 ) -> None:

@@ -294,7 +294,7 @@ async def send_message(request: Request, session_id: str) -> Response:
         ctx.public_model, ctx.stream, ctx.variables = app.model, body.stream, body.variables
         new = {"role": "user", "content": question}
         built, budget, citations, scope = await _prompt(state, app, ctx, turn, new)
-        question_tokens = await state.history.message_tokens(app.model, new)
+        question_tokens = await state.history.message_tokens(ctx.public_model or app.model, new)
         result = await until_disconnect(request, state.pipeline.chat(ctx))
         if guards is not None and guards.output is not None:
             result = await until_disconnect(request, guard_answer(state, guards, ctx, result, scope))
@@ -349,12 +349,17 @@ async def _prompt(
     recent = [{"role": m.role, "content": m.content} for m in turn.history[-_RETRIEVAL_TURNS:]]
     context, citations = await state.context_source.retrieve(app, ctx, [*recent, new])
     resolved, system = await state.system_prompts.prepare(app, ctx, ctx.variables, context)
+    if resolved is not None and resolved.model:
+        # The prompt version names its model (an experiment arm may try another one): the history is fitted to
+        # that model's window, and the pipeline's auth stage checks the caller's key may use it.
+        ctx.public_model = resolved.model
+    model = ctx.public_model or app.model
     built, budget = await state.history.build(
-        app, system=system, summary=turn.session.summary, history=turn.history, new=new
+        app, system=system, summary=turn.session.summary, history=turn.history, new=new, model=model
     )
     ctx.body = {
         **(request_options(resolved.prompt) if resolved is not None else {}),
-        "model": app.model,
+        "model": model,
         "messages": built.messages,
         "max_completion_tokens": app.history.reserve_output_tokens,
         "stream": ctx.stream,
