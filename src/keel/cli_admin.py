@@ -12,10 +12,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from keel.api.admin import key_view, limits_view
 from keel.config import KeelConfig
 from keel.errors import KeelError
 from keel.store import Database, KeyRepository, ScopeLimitsRepository, SpendRepository, default_sqlite_url
+from keel.views import key_view, limits_view
 
 T = TypeVar("T")
 

@@ -24,7 +24,6 @@ from typing import Annotated, Literal
 import typer
 
 from keel import cli_admin
-from keel.api.prompts import diff, experiment_view
 from keel.cli_admin import _run, _show
 from keel.errors import InvalidRequest
 from keel.prompts import PromptService, load_prompt_dir
@@ -32,6 +31,7 @@ from keel.prompts.models import PromptExperiment, PromptLabelMove
 from keel.prompts.models import PromptVersion as VersionRow
 from keel.prompts.repository import content_of
 from keel.store import Database
+from keel.views import diff, experiment_view
 
 __all__ = ["install"]
 

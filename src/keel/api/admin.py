@@ -20,7 +20,7 @@ from keel.api.schemas import validate
 from keel.api.state import AppState
 from keel.errors import InvalidRequest, KeelError, NotFound, PermissionDenied
 from keel.pipeline.auth import Principal
-from keel.store.models import ScopeLimits, VirtualKey
+from keel.views import key_view, limits_view, usd
 
 __all__ = ["router"]
 
@@ -58,54 +58,6 @@ class LimitsBody(_Body):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_parallel: int | None = Field(default=None, ge=1)
-
-
-def _usd(micros: int | None) -> float | None:
-    return None if micros is None else micros / 1_000_000
-
-
-def _iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
-
-
-def key_view(k: VirtualKey) -> dict[str, Any]:
-    return {
-        "id": k.id,
-        "object": "key",
-        "key_prefix": k.key_prefix,
-        "name": k.name,
-        "user_id": k.user_id,
-        "team_id": k.team_id,
-        "models": list(k.models or []),
-        "rpm": k.rpm,
-        "tpm": k.tpm,
-        "max_parallel": k.max_parallel,
-        "budget_usd": _usd(k.budget_usd_micros),
-        "budget_period": k.budget_period,
-        "soft_budget_usd": _usd(k.soft_budget_usd_micros),
-        "expires_at": _iso(k.expires_at),
-        "revoked_at": _iso(k.revoked_at),
-        "metadata": k.metadata_ or {},
-        "created_at": _iso(k.created_at),
-        "updated_at": _iso(k.updated_at),
-    }
-
-
-def limits_view(row: ScopeLimits) -> dict[str, Any]:
-    return {
-        "object": "limits",
-        "scope": row.scope,
-        "id": row.scope_id,
-        "budget_usd": _usd(row.limit_usd_micros),
-        "budget_period": row.period,
-        "soft_budget_usd": _usd(row.soft_limit_usd_micros),
-        "rpm": row.rpm,
-        "tpm": row.tpm,
-        "max_parallel": row.max_parallel,
-        "updated_at": _iso(row.updated_at),
-    }
 
 
 def _key_changes(body: KeyFields) -> dict[str, Any]:
@@ -303,7 +255,7 @@ async def usage(request: Request) -> Response:
             "requests": r["requests"],
             "prompt_tokens": r["prompt_tokens"],
             "completion_tokens": r["completion_tokens"],
-            "cost_usd": _usd(r["cost_usd_micros"]) or 0.0,
+            "cost_usd": usd(r["cost_usd_micros"]) or 0.0,
             "unpriced_requests": r["unpriced_requests"],
         }
         for r in rows

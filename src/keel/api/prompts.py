@@ -23,7 +23,6 @@ any authenticated caller; a virtual key may only rate its own requests.
 from __future__ import annotations
 
 import asyncio
-import difflib
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -31,16 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from keel.api.admin import _admin, _caller, _date_param, _iso
+from keel.api.admin import _admin, _caller, _date_param
 from keel.api.http import error_response, json_response, read_json
 from keel.api.schemas import validate
 from keel.api.state import AppState
 from keel.errors import InvalidRequest, KeelError, NotFound
-from keel.prompts.models import PromptExperiment, PromptFeedback, PromptLabelMove
+from keel.prompts.models import PromptFeedback, PromptLabelMove
 from keel.prompts.models import PromptVersion as VersionRow
 from keel.prompts.repository import content_of
 from keel.prompts.spec import PromptContent
 from keel.store.models import SpendRecord
+from keel.views import diff, experiment_view, iso
 
 __all__ = ["diff", "experiment_view", "move_view", "router", "version_view"]
 
@@ -102,7 +102,7 @@ def version_view(row: VersionRow) -> dict[str, Any]:
         "content_hash": row.content_hash,
         "message": row.message,
         "created_by": row.created_by,
-        "created_at": _iso(row.created_at),
+        "created_at": iso(row.created_at),
     }
 
 
@@ -115,30 +115,8 @@ def move_view(move: PromptLabelMove) -> dict[str, Any]:
         "to_version": move.to_version,
         "action": move.action,
         "changed_by": move.changed_by,
-        "changed_at": _iso(move.changed_at),
+        "changed_at": iso(move.changed_at),
         "reason": move.reason,
-    }
-
-
-def experiment_view(e: PromptExperiment) -> dict[str, Any]:
-    return {
-        "object": "prompt.experiment",
-        "id": e.id,
-        "name": e.prompt_name,
-        "label": e.label,
-        "control_version": e.control_version,
-        "treatment_version": e.treatment_version,
-        "percent": e.percent,
-        "unit": e.unit,
-        "shadow": e.shadow,
-        "rollback_error_factor": e.rollback_error_factor,
-        "rollback_min_requests": e.rollback_min_requests,
-        "active": e.active,
-        "created_by": e.created_by,
-        "created_at": _iso(e.created_at),
-        "stopped_by": e.stopped_by,
-        "stopped_at": _iso(e.stopped_at),
-        "stop_reason": e.stop_reason,
     }
 
 
@@ -151,7 +129,7 @@ def _feedback_view(f: PromptFeedback, ledger: SpendRecord) -> dict[str, Any]:
         "prompt_name": ledger.prompt_name,
         "prompt_version": ledger.prompt_version,
         "experiment_arm": ledger.experiment_arm,
-        "created_at": _iso(f.created_at),
+        "created_at": iso(f.created_at),
     }
 
 
@@ -199,8 +177,8 @@ async def list_prompts(request: Request) -> Response:
             "name": p.name,
             "latest_version": p.latest_version,
             "labels": labels,
-            "created_at": _iso(p.created_at),
-            "updated_at": _iso(p.updated_at),
+            "created_at": iso(p.created_at),
+            "updated_at": iso(p.updated_at),
         }
         for p, labels in rows
     ]
@@ -224,7 +202,7 @@ async def show_prompt(request: Request, name: str) -> Response:
             "name": name,
             "latest_version": versions[-1].version,
             "labels": {
-                lb.label: {"version": lb.version, "updated_by": lb.updated_by, "updated_at": _iso(lb.updated_at)}
+                lb.label: {"version": lb.version, "updated_by": lb.updated_by, "updated_at": iso(lb.updated_at)}
                 for lb in labels
             },
             "versions": [version_view(v) for v in versions],
@@ -258,18 +236,6 @@ async def diff_versions(request: Request, name: str) -> Response:
         return error_response(exc)
     view = {"object": "prompt.diff", "name": name, "from": old.version, "to": new.version, "diff": diff(old, new)}
     return json_response(view)
-
-
-def diff(old: VersionRow, new: VersionRow) -> str:
-    """A unified diff of two versions' readable YAML (what ``keel prompts diff`` prints)."""
-    return "".join(
-        difflib.unified_diff(
-            content_of(old).to_yaml().splitlines(keepends=True),
-            content_of(new).to_yaml().splitlines(keepends=True),
-            f"{old.prompt_name}@{old.version}",
-            f"{new.prompt_name}@{new.version}",
-        )
-    )
 
 
 @router.post("/v1/admin/prompts/{name}/render")

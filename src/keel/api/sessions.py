@@ -53,7 +53,6 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from keel.api.admin import _iso
 from keel.api.context import SSE_HEADERS, closed, fail, keel_headers, new_context, price_result
 from keel.api.guarded import OutputScope, check_input, guard_answer
 from keel.api.http import ClientClosed, error_response, json_response, read_json, until_disconnect
@@ -70,6 +69,7 @@ from keel.llm.tokens import message_text
 from keel.pipeline.prompt import request_options
 from keel.store.models import ChatMessage, ChatSession
 from keel.store.sessions import Turn, owner_of, user_owner
+from keel.views import iso
 
 __all__ = ["router"]
 
@@ -123,9 +123,9 @@ def session_view(row: ChatSession) -> dict[str, Any]:
         "message_count": row.last_seq,
         "summary": {"text": row.summary, "upto_seq": row.summary_upto} if row.summary else None,
         "metadata": row.metadata_ or {},
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
-        "last_message_at": _iso(row.last_message_at),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+        "last_message_at": iso(row.last_message_at),
     }
 
 
@@ -139,7 +139,7 @@ def message_view(m: ChatMessage) -> dict[str, Any]:
         "tokens": m.tokens,
         "request_id": m.request_id,
         "metadata": m.metadata_ or {},
-        "created_at": _iso(m.created_at),
+        "created_at": iso(m.created_at),
     }
 
 
@@ -419,7 +419,7 @@ class _Reply:
         message: dict[str, Any] = {
             "seq": saved.seq,
             "role": "assistant",
-            "created_at": _iso(saved.created_at),
+            "created_at": iso(saved.created_at),
             "finish_reason": saved.metadata_.get("finish_reason"),
             "citations": self.citations,
         }

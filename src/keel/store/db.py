@@ -19,8 +19,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -162,6 +160,9 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 def _upgrade_head(connection: Connection) -> None:
     """Alembic's ``upgrade heads`` on an open connection (``env.py`` picks it up from ``attributes``)."""
+    from alembic import command  # here, not at import: alembic is a second or so of every CLI command's start
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "keel.store:migrations")
     config.attributes["connection"] = connection
