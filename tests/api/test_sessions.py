@@ -163,17 +163,28 @@ async def test_300_turns_always_fit_with_system_prompt_pinned_message_and_summar
     assert first_summary - first_drop <= 3  # written in the background, in place by the next turns
 
     # The summarizer saw every dropped message exactly once, in order, with the instruction to keep the facts.
-    folded: list[str] = []
-    for body in chat_requests(fake, "gpt-3.5-turbo"):
+    # A fold may still be running in the background (its call sent, its summary not yet saved): wait for it.
+    deadline = time.monotonic() + 10
+    while True:
+        summary_calls = chat_requests(fake, "gpt-3.5-turbo")
+        folded = [
+            line
+            for body in summary_calls
+            for line in body["messages"][1]["content"].split("New messages:\n", 1)[1].splitlines()
+        ]
+        status, session = await c.call("GET", f"/v1/sessions/{sid}")
+        if session["summary"]["upto_seq"] == len(folded) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    for body in summary_calls:
         assert await counter.count(body["messages"]) + body["max_completion_tokens"] <= 400
-        instructions, transcript = body["messages"][0]["content"], body["messages"][1]["content"]
-        assert "names, preferences, numbers" in instructions
-        folded += transcript.split("New messages:\n", 1)[1].splitlines()
+        assert "names, preferences, numbers" in body["messages"][0]["content"]
     assert folded[0] == f"User: {PINNED}"
     questions = [int(line.split()[2].rstrip(":")) for line in folded if line.startswith("User: Turn")]
     assert questions == list(range(1, len(questions) + 1)) and len(questions) > 250
-    status, session = await c.call("GET", f"/v1/sessions/{sid}")
-    assert session["summary"]["upto_seq"] == 2 * len(questions) + 2 and session["message_count"] == 2 * turns
+    # Messages are numbered from 1 and each is one line here, so the summary covers exactly the folded ones. (A fold
+    # may end on a question whose answer comes in the next one.)
+    assert session["summary"]["upto_seq"] == len(folded) and session["message_count"] == 2 * turns
 
 
 async def test_a_prompt_versions_model_serves_the_turn_with_its_window(
