@@ -19,7 +19,8 @@ Two phases, each run in one invocation so the baseline shares the machine's nois
 
 Run: ``.venv/bin/python bench/gateway_overhead.py`` (``--help`` for knobs; ``--pin`` gives Keel a core of its own,
 away from the load generator and the fakes, as in a deployment where those are other machines). Keel runs with its
-default pipeline for the OpenAI-compatible route and its JSON request log on (written to /dev/null).
+default pipeline for the OpenAI-compatible route and its JSON request log on (to a temporary file, from which the bench
+also reads the time Keel measured itself spending on each request: total minus upstream calls).
 """
 
 from __future__ import annotations
@@ -99,6 +100,14 @@ async def load(url: str, body: bytes, total: int, concurrency: int) -> list[floa
     return latencies
 
 
+def keel_own_ms(log_path: Path, start: int, model: str) -> list[float]:
+    """``latency_ms - upstream_ms`` of the request-log lines for ``model`` written after byte ``start``."""
+    with log_path.open("rb") as f:
+        f.seek(start)
+        lines = [orjson.loads(line) for line in f if b'"keel.request"' in line]
+    return [r["latency_ms"] - r["upstream_ms"] for r in lines if r.get("model") == model]
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -133,6 +142,8 @@ async def main() -> None:
             f"  - {{name: jittered, model: m, api_base: 'http://127.0.0.1:{jitter_port}/v1', api_key: k}}\n"
             f"  - {{name: fast, model: m, api_base: 'http://127.0.0.1:{up_port}/v1', api_key: k}}\n"
         )
+        log_path = Path(tmp) / "keel.log"  # the request log: what Keel itself measured, per request
+        log_file = log_path.open("wb")
         keel_cpus: set[int] | None = None
         if args.pin:
             cpus = sorted(os.sched_getaffinity(0))
@@ -150,7 +161,7 @@ async def main() -> None:
         keel = subprocess.Popen(
             [str(BIN / "keel"), "serve", "--config", str(cfg), "--port", str(keel_port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=log_file,
             preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
         )
         procs.append(keel)
@@ -159,7 +170,7 @@ async def main() -> None:
             await wait_ready(f"http://127.0.0.1:{up_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{jitter_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{keel_port}/health")
-            await run_phases(args, {"jittered": jitter_port, "lock-step": slow_port}, keel_port, keel.pid)
+            await run_phases(args, {"jittered": jitter_port, "lock-step": slow_port}, keel_port, keel.pid, log_path)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -168,9 +179,12 @@ async def main() -> None:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            log_file.close()
 
 
-async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_port: int, keel_pid: int) -> None:
+async def run_phases(
+    args: argparse.Namespace, upstreams: dict[str, int], keel_port: int, keel_pid: int, log_path: Path
+) -> None:
     messages = [
         {"role": "system", "content": "You are a phone expert."},
         {"role": "user", "content": "Which phone has the biggest battery in 2024?"},
@@ -189,6 +203,8 @@ async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_p
         await load(direct_url, direct_body, 500, args.concurrency)
         direct: list[float] = []
         via: list[float] = []
+        await asyncio.sleep(0.5)  # the request log is written in batches
+        log_start = await asyncio.to_thread(os.path.getsize, log_path)
         print(f"\n{name} upstream")
         for r in range(args.rounds):
             d = await load(direct_url, direct_body, args.requests, args.concurrency)
@@ -206,6 +222,12 @@ async def run_phases(args: argparse.Namespace, upstreams: dict[str, int], keel_p
         print(
             f"{'added':>12} {pct(via, 50) - pct(direct, 50):8.2f} {pct(via, 90) - pct(direct, 90):8.2f} "
             f"{pct(via, 99) - pct(direct, 99):8.2f} {statistics.fmean(via) - statistics.fmean(direct):8.2f}"
+        )
+        await asyncio.sleep(0.5)
+        inside = await asyncio.to_thread(keel_own_ms, log_path, log_start, "bench" if name == "lock-step" else name)
+        print(
+            f"{'in Keel':>12} {pct(inside, 50):8.2f} {pct(inside, 90):8.2f} {pct(inside, 99):8.2f} "
+            f"{statistics.fmean(inside):8.2f}   (its own time per request, from its log: total minus upstream calls)"
         )
 
     if args.soak:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
 from keel.observe.logs import setup_logging, shutdown_logging
-from keel.observe.metrics import register_models
+from keel.observe.metrics import observe_gc_pauses, register_models
 from keel.pipeline import Pipeline, Stage
 from keel.pipeline.accounting import Accounting
 from keel.pipeline.admission import AdmissionStage, EmergencyMode
@@ -63,6 +64,7 @@ def create_app(config: KeelConfig) -> FastAPI:
         )
         router = Router(config, lambda d: build_provider(d, session))
         register_models(router.names)
+        observe_gc_pauses()
         try:  # a bad guardrail option stops the start, before anything else opens
             guards = build_guards(config, router=router)
         except BaseException:
@@ -139,6 +141,11 @@ def create_app(config: KeelConfig) -> FastAPI:
                 }
             },
         )
+        # What start-up built (modules, config, models, caches) lives as long as the process. Frozen, it is left
+        # out of the collector's full passes, which otherwise stopped the event loop for 70-100 ms (166k tracked
+        # objects) every few thousand requests: every request in flight waited.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

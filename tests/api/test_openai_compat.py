@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -248,6 +249,7 @@ async def test_health_ready_metrics(keel: Keel) -> None:
         async with s.get(server.url + "/ready") as resp:
             body = await resp.json()
             assert resp.status == 200 and body["checks"]["models"]["smart"]["ok"] is True
+        gc.collect()  # a full collection, timed by the worker and recorded with its next request
         async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
             assert resp.status == 200
         for i in range(3):  # made-up model names: 404s, counted under one label, not one series each
@@ -259,6 +261,8 @@ async def test_health_ready_metrics(keel: Keel) -> None:
     assert 'keel_requests_total{model="unknown",route="openai.chat",status="404"}' in text
     assert "made-up" not in text
     assert "keel_overhead_seconds_bucket" in text
+    pauses = [line for line in text.splitlines() if line.startswith('keel_gc_pause_seconds_count{generation="2"}')]
+    assert pauses and float(pauses[0].split()[-1]) >= 1
 
 
 async def test_ready_reports_chunk_counts_without_counting_on_every_probe(

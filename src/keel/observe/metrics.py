@@ -3,7 +3,9 @@ directory before the workers start, and ``/metrics`` aggregates every worker's v
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -12,6 +14,7 @@ from keel.context import RequestContext
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "observe_gc_pauses",
     "observe_guard_check",
     "observe_guardrails",
     "observe_request",
@@ -58,6 +61,8 @@ def register_models(names: list[str]) -> None:
 
 
 def observe_request(ctx: RequestContext, total_ms: float) -> None:
+    if _gc_pauses:
+        _drain_gc_pauses()
     model = "-" if ctx.public_model is None else ctx.public_model if ctx.public_model in _models else "unknown"
     # Labelled children are cached: labels() costs more than the observations themselves.
     key = (ctx.route, model, ctx.status)
@@ -99,6 +104,39 @@ def observe_guard_check(check: str, direction: str, outcome: str, seconds: float
 
 def observe_guardrails(direction: str, seconds: float) -> None:
     GUARDRAILS.labels(direction).observe(seconds)
+
+
+GC_PAUSE = Histogram(
+    "keel_gc_pause_seconds",
+    "Time the garbage collector stopped the process, per collection",
+    ["generation"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+_gc_started = 0.0
+_gc_pauses: list[tuple[int, float]] = []
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    # Runs inside whatever allocation triggered the collection, perhaps while prometheus_client holds one of its
+    # locks: only note the pause here; observe_request moves it into the histogram.
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif len(_gc_pauses) < 10_000:
+        _gc_pauses.append((info["generation"], time.perf_counter() - _gc_started))
+
+
+def observe_gc_pauses() -> None:
+    """Time every garbage collection (idempotent): a pause stalls every request in flight on this worker."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+
+
+def _drain_gc_pauses() -> None:
+    global _gc_pauses
+    pauses, _gc_pauses = _gc_pauses, []
+    for generation, seconds in pauses:
+        GC_PAUSE.labels(str(generation)).observe(seconds)
 
 
 def render() -> bytes:
