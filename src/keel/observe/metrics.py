@@ -140,6 +140,7 @@ def _drain_gc_pauses() -> None:
 
 
 def render() -> bytes:
+    _drain_gc_pauses()  # this worker's, even if it has served no model request since
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
