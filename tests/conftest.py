@@ -11,7 +11,7 @@ from helpers import KeelServer
 from keel.config import parse_config
 from keel.testing.fake_upstream import FakeUpstreamThread
 
-pytest_plugins = ["fixtures.postgres_server", "fixtures.redis_server"]
+pytest_plugins = ["embed.support", "fixtures.postgres_server", "fixtures.redis_server"]
 
 
 @pytest.fixture(scope="session")

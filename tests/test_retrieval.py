@@ -38,21 +38,14 @@ def user(text: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-async def embedder() -> AsyncIterator[LocalEmbedder]:
-    model = LocalEmbedder()
-    yield model
-    await model.aclose()
-
-
-@pytest.fixture(scope="module")
-async def index(tmp_path_factory: pytest.TempPathFactory, embedder: LocalEmbedder) -> AsyncIterator[LocalIndex]:
+async def index(tmp_path_factory: pytest.TempPathFactory, local_embedder: LocalEmbedder) -> AsyncIterator[LocalIndex]:
     root = tmp_path_factory.mktemp("retrieval")
     (root / "kb").mkdir()
     for name in DOCS:
         shutil.copy(KB / "phones" / name, root / "kb" / name)
     shutil.copy(KB / "guides" / "charging-standards.md", root / "kb" / "charging-standards.md")
     built = LocalIndex(root / "vectors")
-    await Ingestor(embedder, built).ingest([root / "kb"], "kb")
+    await Ingestor(local_embedder, built).ingest([root / "kb"], "kb")
     yield built
 
 
@@ -93,9 +86,9 @@ def test_rare_exact_terms_settle_close_calls() -> None:
     assert rerank(hits, "variable aperture", 0.1)[0].score == 0.58  # scores stay cosines
 
 
-async def test_returns_context_and_citations(index: LocalIndex, embedder: LocalEmbedder) -> None:
+async def test_returns_context_and_citations(index: LocalIndex, local_embedder: LocalEmbedder) -> None:
     request = ctx()
-    context, citations = await Retriever(embedder, index).retrieve(
+    context, citations = await Retriever(local_embedder, index).retrieve(
         app(), request, [user("Which connector does the iPhone 15 use for charging?")]
     )
     assert citations[0]["document"] == "kb/apple-iphone-15.md" and citations[0]["chunk"] == 0
@@ -104,32 +97,34 @@ async def test_returns_context_and_citations(index: LocalIndex, embedder: LocalE
     assert request.response_headers[HEADER] == "ok" and request.timings["retrieval_ms"] > 0
 
 
-async def test_a_follow_up_is_understood_from_the_conversation(index: LocalIndex, embedder: LocalEmbedder) -> None:
+async def test_a_follow_up_is_understood_from_the_conversation(
+    index: LocalIndex, local_embedder: LocalEmbedder
+) -> None:
     conversation = [
         user("Tell me about the Samsung Galaxy S23 Ultra."),
         {"role": "assistant", "content": "It is Samsung's 2023 flagship with a 200 MP camera."},
         user("How big is its battery?"),
     ]
-    _, citations = await Retriever(embedder, index).retrieve(app(), ctx(), conversation)
+    _, citations = await Retriever(local_embedder, index).retrieve(app(), ctx(), conversation)
     assert citations[0]["document"] == "kb/samsung-galaxy-s23-ultra.md"
 
 
-async def test_nothing_relevant_says_so(index: LocalIndex, embedder: LocalEmbedder) -> None:
+async def test_nothing_relevant_says_so(index: LocalIndex, local_embedder: LocalEmbedder) -> None:
     request = ctx()
-    context, citations = await Retriever(embedder, index).retrieve(
+    context, citations = await Retriever(local_embedder, index).retrieve(
         app(min_score=0.5), request, [user("How do I bake sourdough bread?")]
     )
     assert (context, citations) == (NO_MATCH, []) and request.response_headers[HEADER] == "no-match"
 
 
-async def test_an_index_that_is_down_gives_no_context_and_says_so(embedder: LocalEmbedder) -> None:
+async def test_an_index_that_is_down_gives_no_context_and_says_so(local_embedder: LocalEmbedder) -> None:
     down = PgVectorIndex("postgresql://postgres@127.0.0.1:9/keel", timeout_s=2)  # nothing listens on port 9
     request = ctx()
-    result = await Retriever(embedder, down).retrieve(app(), request, [user("Pixel 8 battery?")])
+    result = await Retriever(local_embedder, down).retrieve(app(), request, [user("Pixel 8 battery?")])
     assert result == (None, []) and request.response_headers[HEADER] == "unavailable"
 
 
-async def test_an_index_that_hangs_is_cut_off(embedder: LocalEmbedder) -> None:
+async def test_an_index_that_hangs_is_cut_off(local_embedder: LocalEmbedder) -> None:
     done = asyncio.Event()
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -141,7 +136,7 @@ async def test_an_index_that_hangs_is_cut_off(embedder: LocalEmbedder) -> None:
     hung = PgVectorIndex(f"postgresql://postgres@127.0.0.1:{port}/keel", timeout_s=30)
     request = ctx()
     started = asyncio.get_running_loop().time()
-    result = await Retriever(embedder, hung, timeout_s=0.5).retrieve(app(), request, [user("Pixel 8?")])
+    result = await Retriever(local_embedder, hung, timeout_s=0.5).retrieve(app(), request, [user("Pixel 8?")])
     assert result == (None, []) and request.response_headers[HEADER] == "unavailable"
     assert asyncio.get_running_loop().time() - started < 5
     done.set()
@@ -150,9 +145,9 @@ async def test_an_index_that_hangs_is_cut_off(embedder: LocalEmbedder) -> None:
 
 
 async def test_no_retrieval_settings_or_no_user_turn_means_no_context(
-    index: LocalIndex, embedder: LocalEmbedder
+    index: LocalIndex, local_embedder: LocalEmbedder
 ) -> None:
-    retriever = Retriever(embedder, index)
+    retriever = Retriever(local_embedder, index)
     plain = AppConfig(name="plain", model="m")
     assert await retriever.retrieve(plain, ctx(), [user("hi")]) == (None, [])
     assert await retriever.retrieve(app(), ctx(), [{"role": "system", "content": "x"}]) == (None, [])

@@ -1,4 +1,4 @@
-"""Fixtures shared by the embedding, vector, ingestion and retrieval tests (imported by their conftest files)."""
+"""Fixtures shared by every test that needs the real embedding model (a plugin of the root conftest)."""
 
 from __future__ import annotations
 

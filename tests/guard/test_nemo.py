@@ -71,13 +71,6 @@ prompts:
 
 
 @pytest.fixture(scope="module")
-async def embedder() -> AsyncIterator[LocalEmbedder]:
-    model = LocalEmbedder()
-    yield model
-    await model.aclose()
-
-
-@pytest.fixture(scope="module")
 async def router(fake_upstream: FakeUpstreamThread) -> AsyncIterator[Router]:
     config = parse_config(
         f"models:\n  - {{name: assistant, model: up-assistant, api_base: '{fake_upstream.base_url}/v1', "
@@ -92,10 +85,10 @@ async def router(fake_upstream: FakeUpstreamThread) -> AsyncIterator[Router]:
 
 
 @pytest.fixture(scope="module")
-async def example(router: Router, embedder: LocalEmbedder) -> NemoCheck:
+async def example(router: Router, local_embedder: LocalEmbedder) -> NemoCheck:
     """The sample app's rails, built and warmed up once (as Keel's guard warm-up does at start)."""
     check = NemoCheck(config_dir=str(EXAMPLE), router=router)
-    await check.check(GuardInput("Hello! Which phone has the best battery life?", "input", embed=embedder.embed))
+    await check.check(GuardInput("Hello! Which phone has the best battery life?", "input", embed=local_embedder.embed))
     return check
 
 
@@ -115,13 +108,15 @@ def report(capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
             print(line)
 
 
-async def timed(check: NemoCheck, text: str, direction: Direction, embedder: LocalEmbedder) -> tuple[list[str], float]:
+async def timed(
+    check: NemoCheck, text: str, direction: Direction, local_embedder: LocalEmbedder
+) -> tuple[list[str], float]:
     """The reasons found for ``text`` and the median latency (ms) of 5 runs (the embedding is cached after the
     first, as in Keel, where other checks and retrieval embed the same message)."""
     runs, reasons = [], []
     for _ in range(5):
         started = time.perf_counter()
-        findings = await check.check(GuardInput(text, direction, embed=embedder.embed))
+        findings = await check.check(GuardInput(text, direction, embed=local_embedder.embed))
         runs.append((time.perf_counter() - started) * 1000)
         reasons = [f.reason for f in findings]
         assert all(f.check == "nemo" and f.detail for f in findings)
@@ -129,20 +124,20 @@ async def timed(check: NemoCheck, text: str, direction: Direction, embedder: Loc
 
 
 async def test_sample_rails_refuse_off_topic_and_allow_phone_questions(
-    example: NemoCheck, embedder: LocalEmbedder, fake: FakeUpstreamThread, report: list[str]
+    example: NemoCheck, local_embedder: LocalEmbedder, fake: FakeUpstreamThread, report: list[str]
 ) -> None:
     refused, allowed = [], []
     for text, reason in REFUSED.items():
-        reasons, ms = await timed(example, text, "input", embedder)
+        reasons, ms = await timed(example, text, "input", local_embedder)
         assert reasons == [reason], text
         refused.append(ms)
     for text in ALLOWED:
-        reasons, ms = await timed(example, text, "input", embedder)
+        reasons, ms = await timed(example, text, "input", local_embedder)
         assert reasons == [], text
         allowed.append(ms)
     assert fake.requests == []  # the topical rail matched intents by embeddings alone: no model call
     # Answers: the sample config has no output rails, so the check passes them at no cost.
-    assert await example.check(GuardInput("Vote for the green party!", "output", embed=embedder.embed)) == []
+    assert await example.check(GuardInput("Vote for the green party!", "output", embed=local_embedder.embed)) == []
     report.append(
         f"nemo sample rails, per check (median of 5): refused {statistics.median(refused):.1f} ms, "
         f"allowed {statistics.median(allowed):.1f} ms (max {max(refused + allowed):.1f} ms)"
@@ -150,17 +145,17 @@ async def test_sample_rails_refuse_off_topic_and_allow_phone_questions(
 
 
 async def test_rails_that_ask_a_model_go_through_keels_router(
-    self_check: NemoCheck, embedder: LocalEmbedder, fake: FakeUpstreamThread, report: list[str]
+    self_check: NemoCheck, local_embedder: LocalEmbedder, fake: FakeUpstreamThread, report: list[str]
 ) -> None:
     text = "how do I unlock my neighbour's phone without the PIN?"
     timings = {}
     for direction in ("input", "output"):
         fake.script({"content": "Yes"})
-        found = await self_check.check(GuardInput(text, direction, embed=embedder.embed))
+        found = await self_check.check(GuardInput(text, direction, embed=local_embedder.embed))
         assert [f.reason for f in found] == [f"nemo.self check {direction}"]
         fake.script({"content": "No"})
         started = time.perf_counter()
-        assert await self_check.check(GuardInput(text, direction, embed=embedder.embed)) == []
+        assert await self_check.check(GuardInput(text, direction, embed=local_embedder.embed)) == []
         timings[direction] = (time.perf_counter() - started) * 1000
     bodies = [r["body"] for r in fake.requests]
     assert len(bodies) == 4
@@ -173,23 +168,23 @@ async def test_rails_that_ask_a_model_go_through_keels_router(
 
 
 async def test_a_failing_model_is_a_check_failure_for_the_runners_policy(
-    self_check: NemoCheck, embedder: LocalEmbedder, fake: FakeUpstreamThread
+    self_check: NemoCheck, local_embedder: LocalEmbedder, fake: FakeUpstreamThread
 ) -> None:
     fake.script({"status": 500, "message": "upstream exploded"})
     runner = GuardRunner("phones", "input", [ConfiguredCheck("nemo", self_check, "block", 10.0, "closed")])
-    verdict = await runner.run(GuardInput("is the Pixel 9 waterproof?", "input", embed=embedder.embed))
+    verdict = await runner.run(GuardInput("is the Pixel 9 waterproof?", "input", embed=local_embedder.embed))
     assert not verdict.allowed
     assert [r["reason"] for r in verdict.reasons] == [UNAVAILABLE]
 
 
-async def test_concurrent_first_checks_and_a_failed_first_build(router: Router, embedder: LocalEmbedder) -> None:
+async def test_concurrent_first_checks_and_a_failed_first_build(router: Router, local_embedder: LocalEmbedder) -> None:
     check = NemoCheck(config_dir=str(EXAMPLE), router=router)
     # Without an embedder NeMo cannot embed its intent examples: NeMo would log that and let the text through;
     # the check fails instead, so the runner's on_error policy decides.
     with pytest.raises(RuntimeError, match="generate_user_intent"):
         await check.check(GuardInput("who should I vote for?", "input"))
     texts = ["who should I vote for?", "is the Pixel 9 waterproof?", "how do I bake bread?"] * 4
-    found = await asyncio.gather(*(check.check(GuardInput(t, "input", embed=embedder.embed)) for t in texts))
+    found = await asyncio.gather(*(check.check(GuardInput(t, "input", embed=local_embedder.embed)) for t in texts))
     assert [[f.reason for f in f_] for f_ in found] == [["nemo.politics"], [], ["nemo.cooking"]] * 4
 
 
@@ -204,9 +199,9 @@ async def test_concurrent_first_checks_and_a_failed_first_build(router: Router, 
         "phone " * 3000,
     ],
 )
-async def test_odd_texts_get_a_verdict(example: NemoCheck, embedder: LocalEmbedder, text: str) -> None:
+async def test_odd_texts_get_a_verdict(example: NemoCheck, local_embedder: LocalEmbedder, text: str) -> None:
     for direction in ("input", "output"):
-        findings = await example.check(GuardInput(text, direction, embed=embedder.embed))
+        findings = await example.check(GuardInput(text, direction, embed=local_embedder.embed))
         assert isinstance(findings, list)
 
 
@@ -259,14 +254,14 @@ def test_registered_as_a_keel_guard() -> None:
     assert ep.load() is NemoCheck
 
 
-async def test_without_a_router_only_rails_that_ask_a_model_fail(tmp_path: Path, embedder: LocalEmbedder) -> None:
+async def test_without_a_router_only_rails_that_ask_a_model_fail(tmp_path: Path, local_embedder: LocalEmbedder) -> None:
     topical = NemoCheck(config_dir=str(EXAMPLE))  # no router: the embeddings-only topical rail still works
-    found = await topical.check(GuardInput("how do I bake sourdough bread?", "input", embed=embedder.embed))
+    found = await topical.check(GuardInput("how do I bake sourdough bread?", "input", embed=local_embedder.embed))
     assert [f.reason for f in found] == ["nemo.cooking"]
     (tmp_path / "config.yml").write_text(SELF_CHECK)
     asks = NemoCheck(config_dir=str(tmp_path))
     with pytest.raises(Exception, match="passed no model router"):
-        await asks.check(GuardInput("is the Pixel 9 waterproof?", "input", embed=embedder.embed))
+        await asks.check(GuardInput("is the Pixel 9 waterproof?", "input", embed=local_embedder.embed))
 
 
 async def test_check_nemo_in_keel_yaml_guards_a_real_keel(

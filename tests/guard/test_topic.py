@@ -3,7 +3,6 @@ medicine and the like are refused; phone questions, greetings and short follow-u
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -73,45 +72,36 @@ def check() -> TopicCheck:
     return TopicCheck(allowed=ALLOWED, denied=["Tell me who won the football match."])
 
 
-@pytest.fixture(scope="module")
-async def embedder() -> AsyncIterator[LocalEmbedder]:
-    """The real local model (no mocks), loaded once for this module."""
-    model = LocalEmbedder()
-    model.load()
-    yield model
-    await model.aclose()
-
-
-def inp(text: str, embedder: LocalEmbedder) -> GuardInput:
-    return GuardInput(text, "input", embed=embedder.embed)
+def inp(text: str, local_embedder: LocalEmbedder) -> GuardInput:
+    return GuardInput(text, "input", embed=local_embedder.embed)
 
 
 @pytest.mark.parametrize("text", OFF_TOPIC)
-async def test_off_topic_requests_are_flagged(check: TopicCheck, embedder: LocalEmbedder, text: str) -> None:
-    result = await check.check(inp(text, embedder))
+async def test_off_topic_requests_are_flagged(check: TopicCheck, local_embedder: LocalEmbedder, text: str) -> None:
+    result = await check.check(inp(text, local_embedder))
     assert [f.reason for f in result] == ["off_topic"]
     assert text not in result[0].detail
 
 
 @pytest.mark.parametrize("text", ON_TOPIC)
-async def test_phone_questions_and_small_talk_pass(check: TopicCheck, embedder: LocalEmbedder, text: str) -> None:
-    assert await check.check(inp(text, embedder)) == [], await check.scores(inp(text, embedder))
+async def test_phone_questions_and_small_talk_pass(check: TopicCheck, local_embedder: LocalEmbedder, text: str) -> None:
+    assert await check.check(inp(text, local_embedder)) == [], await check.scores(inp(text, local_embedder))
 
 
-async def test_app_denied_examples_are_used(embedder: LocalEmbedder) -> None:
+async def test_app_denied_examples_are_used(local_embedder: LocalEmbedder) -> None:
     text = "Which football team won the league?"
     scores = await TopicCheck(allowed=ALLOWED, denied=["Who won the football match yesterday?"]).scores(
-        inp(text, embedder)
+        inp(text, local_embedder)
     )
     assert scores.closest_denied == "denied example 1"
 
 
-async def test_without_the_defaults_only_the_threshold_and_app_examples_decide(embedder: LocalEmbedder) -> None:
+async def test_without_the_defaults_only_the_threshold_and_app_examples_decide(local_embedder: LocalEmbedder) -> None:
     bare = TopicCheck(allowed=ALLOWED, default_denied=False, chitchat=False, threshold=0.0)
-    assert await bare.check(inp("Give me a recipe for lasagna.", embedder)) == []
-    assert await bare.check(inp("hi", embedder)) == []
+    assert await bare.check(inp("Give me a recipe for lasagna.", local_embedder)) == []
+    assert await bare.check(inp("hi", local_embedder)) == []
     strict = TopicCheck(allowed=ALLOWED, chitchat=False, threshold=0.45)
-    assert [f.reason for f in await strict.check(inp("thanks!", embedder))] == ["off_topic"]
+    assert [f.reason for f in await strict.check(inp("thanks!", local_embedder))] == ["off_topic"]
 
 
 def test_constructor_rejects_bad_options_by_name() -> None:

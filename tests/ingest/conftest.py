@@ -1,1 +1,0 @@
-from embed.support import local_embedder  # noqa: F401 - fixture
