@@ -13,14 +13,14 @@ whose cache also serves retrieval), however many checks ask.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Action", "Check", "Direction", "Finding", "GuardInput", "Span"]
+__all__ = ["Action", "Check", "Direction", "Finding", "GuardInput", "Span", "string_list"]
 
 Direction = Literal["input", "output"]
 Action = Literal["block", "redact", "warn"]
@@ -89,3 +89,14 @@ class Check(Protocol):
     name: str
 
     async def check(self, inp: GuardInput) -> list[Finding]: ...
+
+
+def string_list(option: str, values: object, *, non_empty: bool = False) -> list[str]:
+    """A check option that must be a list of strings (None: empty), checked when the check is built."""
+    if values is None:
+        return []
+    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{option} must be a list of strings, got {values!r}")
+    if non_empty and any(not v.strip() for v in values):
+        raise ValueError(f"{option} must not contain empty strings")
+    return list(values)

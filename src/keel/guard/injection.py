@@ -28,7 +28,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from keel.guard.base import Finding, GuardInput
+from keel.guard.base import Finding, GuardInput, string_list
 from keel.guard.exemplars import Embed, ExemplarSet, data_rows
 
 __all__ = ["InjectionCheck", "heuristic_hits", "normalise"]
@@ -342,14 +342,6 @@ def _shipped() -> tuple[ExemplarSet, npt.NDArray[np.float64]]:
     return ExemplarSet("injection", [r["text"] for r in rows] + requests), labels
 
 
-def _check_strings(option: str, values: object) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{option} must be a list of strings, got {values!r}")
-    return list(values)
-
-
 class InjectionCheck:
     """Flags prompt-injection and jailbreak attempts (``reason``: ``prompt_injection``).
 
@@ -384,7 +376,7 @@ class InjectionCheck:
         self.model = model
         shipped, self._shipped_labels = _shipped()
         self._shipped = shipped
-        extra_attacks, extra_benign = _check_strings("attacks", attacks), _check_strings("benign", benign)
+        extra_attacks, extra_benign = string_list("attacks", attacks), string_list("benign", benign)
         self._extra = ExemplarSet("injection-app", extra_attacks + extra_benign, persist=False)
         self._extra_labels = np.array([1.0] * len(extra_attacks) + [0.0] * len(extra_benign))
         self._models: dict[str, _Model] = {}

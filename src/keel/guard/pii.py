@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from keel.guard.base import Finding, GuardInput, Span
+from keel.guard.base import Finding, GuardInput, Span, string_list
 
 __all__ = [
     "DEFAULT_ENTITIES",
@@ -511,14 +511,6 @@ def _check_threshold(threshold: object) -> float:
     return float(threshold)
 
 
-def _check_strings(option: str, values: object) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{option} must be a list of strings, got {values!r}")
-    return list(values)
-
-
 def _plural(n: int, label: str) -> str:
     return f"{n} {label}" + ("" if n == 1 else "s")
 
@@ -537,7 +529,7 @@ class PiiCheck:
     def __init__(
         self, *, entities: Sequence[str] | None = None, threshold: float = 0.5, allow: Sequence[str] | None = None
     ) -> None:
-        chosen = _check_strings("entities", entities) if entities is not None else list(DEFAULT_ENTITIES)
+        chosen = string_list("entities", entities) if entities is not None else list(DEFAULT_ENTITIES)
         unknown = [e for e in chosen if e not in _RECOGNIZERS]
         if unknown:
             raise ValueError(f"entities: unknown {', '.join(unknown)}; known: {', '.join(ENTITIES)}")
@@ -545,7 +537,7 @@ class PiiCheck:
             raise ValueError("entities must name at least one entity")
         self.entities = tuple(dict.fromkeys(chosen))
         self.threshold = _check_threshold(threshold)
-        self.allow = frozenset(_normal(v) for v in _check_strings("allow", allow))
+        self.allow = frozenset(_normal(v) for v in string_list("allow", allow))
 
     def find(self, text: str) -> list[Match]:
         matches = scan(text, self.entities, self.threshold)
@@ -615,7 +607,7 @@ class ContactDetailsCheck:
         threshold: float = 0.5,
         trust_system_prompt: bool = True,
     ) -> None:
-        chosen = _check_strings("kinds", kinds) if kinds is not None else list(KINDS)
+        chosen = string_list("kinds", kinds) if kinds is not None else list(KINDS)
         unknown = [k for k in chosen if k not in KINDS]
         if unknown or not chosen:
             raise ValueError(f"kinds: unknown {', '.join(unknown) or '(empty list)'}; known: {', '.join(KINDS)}")
@@ -624,7 +616,7 @@ class ContactDetailsCheck:
         self.kinds = tuple(dict.fromkeys(chosen))
         self.threshold = _check_threshold(threshold)
         self.trust_system_prompt = trust_system_prompt
-        allowed = _check_strings("allow", allow)
+        allowed = string_list("allow", allow)
         self._allow_emails = {a.casefold() for a in allowed if "@" in a}
         self._allow_urls = [_url_key(a) for a in allowed if "@" not in a and re.search(r"[a-z]", a, re.I)]
         self._allow_phones = [_phone_key(a) for a in allowed if not re.search(r"[a-z@]", a, re.I)]

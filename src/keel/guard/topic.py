@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import yaml
 
-from keel.guard.base import Finding, GuardInput
+from keel.guard.base import Finding, GuardInput, string_list
 from keel.guard.exemplars import Embed, ExemplarSet, data_rows
 
 __all__ = ["CHITCHAT_INTENTS", "NEAR_DOMAIN_INTENTS", "TopicCheck", "TopicScores"]
@@ -84,16 +84,6 @@ class TopicScores:
     closest_denied: str
 
 
-def _check_strings(option: str, values: object) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{option} must be a list of strings, got {values!r}")
-    if any(not v.strip() for v in values):
-        raise ValueError(f"{option} must not contain empty strings")
-    return list(values)
-
-
 def _examples_file(name: str, base_dir: str | Path | None) -> dict[str, list[str]]:
     """``allowed`` and ``denied`` lists from a YAML file (relative to keel.yaml), for lists too long to inline."""
     path = Path(name)
@@ -105,7 +95,7 @@ def _examples_file(name: str, base_dir: str | Path | None) -> dict[str, list[str
         raise ValueError(f"examples_file: cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or set(data) - {"allowed", "denied"}:
         raise ValueError(f"examples_file: {path} must be a mapping with `allowed` and/or `denied` lists")
-    return {key: _check_strings(f"examples_file {key}", data.get(key)) for key in ("allowed", "denied")}
+    return {key: string_list(f"examples_file {key}", data.get(key), non_empty=True) for key in ("allowed", "denied")}
 
 
 def _check_similarity(option: str, value: object, low: float, high: float) -> float:
@@ -148,10 +138,10 @@ class TopicCheck:
         chitchat_threshold: float = DEFAULT_CHITCHAT_THRESHOLD,
     ) -> None:
         from_file = _examples_file(examples_file, base_dir) if examples_file is not None else {}
-        self.allowed = [*from_file.get("allowed", []), *_check_strings("allowed", allowed)]
+        self.allowed = [*from_file.get("allowed", []), *string_list("allowed", allowed, non_empty=True)]
         if not self.allowed:
             raise ValueError("allowed (or examples_file) must list at least one example of an on-topic message")
-        self.denied = [*from_file.get("denied", []), *_check_strings("denied", denied)]
+        self.denied = [*from_file.get("denied", []), *string_list("denied", denied, non_empty=True)]
         for option, value in (("default_denied", default_denied), ("chitchat", chitchat)):
             if not isinstance(value, bool):
                 raise TypeError(f"{option} must be true or false, got {value!r}")
