@@ -32,12 +32,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 class FastPathApp(FastAPI):
     """A FastAPI app that serves ``hot`` (path, handler, methods) routes without the middleware stack."""
 
+    _hot: dict[tuple[str, str], Handler] = {}  # (method, path) → handler; set_hot_routes replaces it
+
     def set_hot_routes(self, hot: Iterable[tuple[str, Handler, list[str]]]) -> None:
         self._hot = {(method, path): fn for path, fn, methods in hot for method in methods}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = getattr(self, "_hot", None)
-        if scope["type"] == "http" and hot and (fn := hot.get((scope["method"], scope["path"]))) is not None:
+        if scope["type"] == "http" and (fn := self._hot.get((scope["method"], scope["path"]))) is not None:
             await self._serve_hot(fn, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
