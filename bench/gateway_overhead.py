@@ -64,6 +64,11 @@ async def wait_ready(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        return await resp.text()
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds the process has used (a steadier figure than latency on a noisy machine)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -106,6 +111,27 @@ def keel_own_ms(log_path: Path, start: int, model: str) -> list[float]:
         f.seek(start)
         lines = [orjson.loads(line) for line in f if b'"keel.request"' in line]
     return [r["latency_ms"] - r["upstream_ms"] for r in lines if r.get("model") == model]
+
+
+def gc_pauses(before: str, after: str) -> str:
+    """Per generation, between two scrapes of Keel's /metrics: collections, total pause, and the smallest bucket
+    bound every pause fitted under."""
+
+    def values(metrics: str) -> dict[str, float]:
+        rows = (line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("keel_gc_pause_seconds"))
+        return {k: float(v) for k, v in rows}
+
+    old, new = values(before), values(after)
+    out = []
+    for gen in ("0", "1", "2"):
+        label = f'generation="{gen}"'
+        delta = {k: v - old.get(k, 0.0) for k, v in new.items() if label in k}
+        count = delta.get(f"keel_gc_pause_seconds_count{{{label}}}", 0.0)
+        total = delta.get(f"keel_gc_pause_seconds_sum{{{label}}}", 0.0)
+        bounds = [(k.split('le="')[1].split('"')[0], n) for k, n in delta.items() if "_bucket{" in k]
+        worst = next((le for le, n in bounds if n >= count), "-") if count else "-"
+        out.append(f"gen{gen} {count:.0f} x, {total * 1000:.0f} ms in all, each <= {worst} s")
+    return "; ".join(out)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -235,6 +261,7 @@ async def run_phases(
         step = max(1, args.soak // 10)
         await load(keel_url, fast_body, 2000, args.concurrency)
         base = rss_kib(keel_pid)
+        metrics_before = await scrape(f"http://127.0.0.1:{keel_port}/metrics")
         kind = "streamed" if args.stream else "non-streaming"
         print(f"\nmemory: {args.soak} {kind} requests through Keel (upstream answers at once); Keel RSS in MiB")
         print(f"  after warm-up: {base / 1024:.1f}")
@@ -253,9 +280,10 @@ async def run_phases(
         )
         print(f"  Keel CPU per request: {(cpu_s(keel_pid) - cpu0) / done * 1e6:.0f} us (user + system, all threads)")
         await asyncio.sleep(2)  # one ledger flush interval, and then some
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{keel_port}/ready") as resp:
-            ledger = (await resp.json())["checks"]["database"]
+        ledger = orjson.loads(await scrape(f"http://127.0.0.1:{keel_port}/ready"))["checks"]["database"]
+        metrics_after = await scrape(f"http://127.0.0.1:{keel_port}/metrics")
         print(f"  spend ledger 2 s later: {ledger['ledger_pending']} rows pending, {ledger['ledger_dropped']} dropped")
+        print(f"  garbage collector over the soak: {gc_pauses(metrics_before, metrics_after)}")
 
 
 if __name__ == "__main__":
