@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from keel.config import load_config
 from keel.embed import LocalEmbedder
@@ -309,6 +310,26 @@ async def latency(data: Data, messages: int) -> None:
     print(f"  (the model call alone:      {pct(model_ms)})")
     print(f"  messages <= 200 chars ({len(short_ms)}): {pct(short_ms)}")
     print(f"  verdicts: {dict(blocked)}")
+    prompt = yaml.safe_load((CONFIG.parent / "prompts" / f"{APP}.yaml").read_text(encoding="utf-8"))
+    await output_latency(guards.output, prompt["system"], messages)
+
+
+async def output_latency(runner: Any, system_prompt: str, answers: int) -> None:
+    """The output rail on answer-sized text (1-2 KB paragraphs of the sample knowledge base): regex checks only, so
+    this is where a pathological pattern would show."""
+    if runner is None:
+        return
+    pages = sorted((CONFIG.parent / "kb" / "phones").glob("*.md"))
+    texts = [p.read_text(encoding="utf-8")[:1500] for p in pages][:answers]
+    ms = []
+    for text in texts:
+        start = time.perf_counter()
+        await runner.run(GuardInput(text, "output", app=APP, context=text, system_prompt=system_prompt))
+        ms.append((time.perf_counter() - start) * 1000)
+    p50, p99, worst = np.percentile(ms, [50, 99, 100])
+    labels = ", ".join(c.label for c in runner.checks)
+    print(f"\n== output guardrails of {APP} ({labels}) per answer ==")
+    print(f"{len(texts)} answers of up to 1,500 chars: p50 {p50:.2f} ms, p99 {p99:.2f} ms, worst {worst:.2f} ms")
 
 
 # --- shipped data ------------------------------------------------------------------------------------------------

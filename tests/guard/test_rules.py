@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from keel.guard.base import GuardInput
@@ -113,16 +111,6 @@ async def test_unsafe_categories_and_both_at_once() -> None:
     assert reasons == ["unsafe.destructive_command", "unsafe.code_execution"]
     only = UnsafeContentCheck(categories=["code_execution"])
     assert [f.reason for f in await only.check(out(both))] == ["unsafe.code_execution"]
-
-
-async def test_unsafe_is_fast() -> None:
-    check = UnsafeContentCheck()
-    text = "The Galaxy S24 has a 6.2 inch display, 8 GB of RAM and charges at 25 W. " * 20  # 1.4 KB
-    await check.check(out(text))
-    started = time.perf_counter()
-    for _ in range(100):
-        await check.check(out(text))
-    assert (time.perf_counter() - started) / 100 < 0.002
 
 
 # -- system prompt leak -----------------------------------------------------------------------------------------
