@@ -16,7 +16,8 @@ from keel.config import KeelConfig
 
 
 class KeelServer:
-    """A real Keel (uvicorn + the app) on a free loopback port, in a thread with its own event loop."""
+    """A real Keel (uvicorn + the app) on a free loopback port, in a thread with its own event loop: uvloop, as
+    ``keel serve`` runs it."""
 
     def __init__(self, config: KeelConfig) -> None:
         self.config = config
@@ -27,7 +28,7 @@ class KeelServer:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.app = create_app(config)
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, loop="asyncio", http=KeelHttpProtocol, log_level="warning", access_log=False)
+            uvicorn.Config(self.app, loop="uvloop", http=KeelHttpProtocol, log_level="warning", access_log=False)
         )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
 

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -26,6 +25,7 @@ from keel.embed import build_embedder
 from keel.errors import InvalidRequest, KeelError
 from keel.guard.registry import build_guards, warm_up
 from keel.history import History
+from keel.llm.client import UpstreamClient
 from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
@@ -54,22 +54,18 @@ def create_app(config: KeelConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=config.server.upstream_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
-        )
-        # No cookie jar: the session is shared by every tenant, and a cookie one upstream response sets (a load
-        # balancer's, say) must not ride along on everybody's later requests.
-        session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
-        )
-        router = Router(config, lambda d: build_provider(d, session))
+        # One pool of upstream connections per worker, for every model and embeddings call. It keeps no cookies:
+        # it is shared by every tenant, and a cookie one upstream response sets (a load balancer's, say) must not
+        # ride along on everybody's later requests.
+        client = UpstreamClient(limit=config.server.upstream_connections)
+        router = Router(config, lambda d: build_provider(d, client))
         register_models(router.names)
         observe_gc_pauses()
         try:  # a bad guardrail option stops the start, before anything else opens
             guards = build_guards(config, router=router)
         except BaseException:
             await router.aclose()
-            await session.close()
+            await client.aclose()
             raise
         setup_logging(config.logging)
         db = Database.from_url(config.database_url or default_sqlite_url())
@@ -99,13 +95,13 @@ def create_app(config: KeelConfig) -> FastAPI:
         history = History(config, router, chat_sessions, accounting)
         retention = RetentionSweeper(chat_sessions, config.sessions.retention_days)
         await retention.start()
-        embedder = build_embedder(config.embeddings, session)
+        embedder = build_embedder(config.embeddings, client)
         vectors = build_index(config.vector_store)
         if guards:
             await warm_up(guards, embedder.embed)
         app.state.keel = AppState(
             config=config,
-            session=session,
+            upstream=client,
             router=router,
             pipeline=Pipeline(stages, router),
             started=int(time.time()),
@@ -156,7 +152,7 @@ def create_app(config: KeelConfig) -> FastAPI:
             await prompt_service.aclose()
             await shadows.aclose()
             await router.aclose()
-            await session.close()
+            await client.aclose()
             await ledger.stop()
             await counters.aclose()
             await db.dispose()

@@ -23,6 +23,7 @@ from keel.guard.base import Direction, GuardInput
 from keel.guard.nemo import INSTALL_HINT, NemoCheck
 from keel.guard.registry import build_guards
 from keel.guard.runner import UNAVAILABLE, ConfiguredCheck, GuardRunner
+from keel.llm.client import UpstreamClient
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
 from keel.testing.fake_upstream import FakeUpstreamThread
@@ -77,11 +78,11 @@ async def router(fake_upstream: FakeUpstreamThread) -> AsyncIterator[Router]:
         "max_retries: 0, cooldown: {failures: 1000}}\n",
         env={},
     )
-    session = aiohttp.ClientSession()
-    router = Router(config, lambda d: build_provider(d, session))
+    client = UpstreamClient()
+    router = Router(config, lambda d: build_provider(d, client))
     yield router
     await router.aclose()
-    await session.close()
+    await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
@@ -21,6 +20,7 @@ from keel.errors import (
 )
 from keel.llm.anthropic import AnthropicProvider, StreamTranslator, from_anthropic_response, to_anthropic_request
 from keel.llm.base import Timeouts
+from keel.llm.client import UpstreamClient
 from keel.testing.fake_upstream import FakeUpstream
 
 MODEL = "claude-test"
@@ -434,8 +434,9 @@ async def provider(upstream: FakeUpstream) -> AsyncIterator[AnthropicProvider]:
         api_key=API_KEY,
         extra_headers={"anthropic-beta": "test-beta"},
     )
-    async with aiohttp.ClientSession() as session:
-        yield AnthropicProvider(deployment, session)
+    client = UpstreamClient()
+    yield AnthropicProvider(deployment, client)
+    await client.aclose()
 
 
 def chat(*messages: dict[str, Any], **params: Any) -> dict[str, Any]:
@@ -478,9 +479,8 @@ async def test_info_ready_and_embed(provider: AnthropicProvider) -> None:
     with pytest.raises(InvalidRequest) as exc:
         await provider.embed({"model": MODEL, "input": "hi"}, TIMEOUTS)
     assert exc.value.param == "model"
-    async with aiohttp.ClientSession() as session:
-        keyless = AnthropicProvider(provider.deployment.model_copy(update={"api_key": None}), session)
-        assert await keyless.ready() == (False, "no api_key")
+    keyless = AnthropicProvider(provider.deployment.model_copy(update={"api_key": None}), UpstreamClient())
+    assert await keyless.ready() == (False, "no api_key")
 
 
 async def test_complete(provider: AnthropicProvider, upstream: FakeUpstream) -> None:

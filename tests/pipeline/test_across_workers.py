@@ -126,7 +126,7 @@ async def test_rpm_exact_across_two_workers(
     async with aiohttp.ClientSession() as s:
         key = await _key(s, w.ports[0], rpm=5)
         results = await _burst(s, w, key, 15)
-    assert sorted(status for status, _ in results) == [200] * 5 + [429] * 10
+    assert sorted(status for status, _ in results) == [200] * 5 + [429] * 10, results
 
 
 async def test_tpm_exact_across_two_workers(

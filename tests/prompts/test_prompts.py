@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from sqlalchemy import select
 
@@ -21,6 +20,7 @@ from keel.api.prompts import diff
 from keel.config import AppConfig, PromptRef, parse_config
 from keel.context import RequestContext
 from keel.errors import InvalidRequest, KeelError, NotFound
+from keel.llm.client import UpstreamClient
 from keel.llm.pricing import PriceBook
 from keel.llm.registry import build_provider
 from keel.llm.router import Router
@@ -433,8 +433,8 @@ async def gateway(database: Database, fake: FakeUpstreamThread) -> AsyncIterator
         for name in ("smart", "big")
     )
     config = parse_config(f"models:\n{models}\n", env={})
-    session = aiohttp.ClientSession()
-    router = Router(config, lambda d: build_provider(d, session))
+    client = UpstreamClient()
+    router = Router(config, lambda d: build_provider(d, client))
     ledger: BatchWriter[dict[str, Any]] = BatchWriter(SpendRepository(database).insert_many, interval_s=60)
     accounting = Accounting(PriceBook(config.models), ledger)
     prompts = PromptService(database, ttl_s=0, known_models=router.names, rule=RollbackRule(min_requests=10))
@@ -443,7 +443,7 @@ async def gateway(database: Database, fake: FakeUpstreamThread) -> AsyncIterator
     yield Gateway(database, prompts, pipeline, shadows, accounting, ledger)
     await shadows.aclose()
     await router.aclose()
-    await session.close()
+    await client.aclose()
     await ledger.stop()
 
 

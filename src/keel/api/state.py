@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from keel.config import KeelConfig
 from keel.embed import Embedder
 from keel.guard.registry import AppGuards
 from keel.history import ContextSource, History
+from keel.llm.client import UpstreamClient
 from keel.llm.router import Router
 from keel.pipeline import Pipeline
 from keel.pipeline.accounting import Accounting
@@ -29,7 +28,7 @@ __all__ = ["AppState"]
 @dataclass(slots=True)
 class AppState:
     config: KeelConfig
-    session: aiohttp.ClientSession
+    upstream: UpstreamClient  # the worker's pool of upstream connections
     router: Router
     pipeline: Pipeline
     started: int

@@ -3,12 +3,11 @@ one :class:`Embedder` protocol. Build the one shared instance from config with :
 
 from __future__ import annotations
 
-import aiohttp
-
 from keel.config import DEFAULT_API_BASES, EmbeddingsConfig
 from keel.embed.base import BatchingEmbedder, Embedder, EmbeddingError, Vectors, normalize
 from keel.embed.local import LocalEmbedder
 from keel.embed.openai import OpenAIEmbedder
+from keel.llm.client import UpstreamClient
 
 __all__ = [
     "BatchingEmbedder",
@@ -22,15 +21,15 @@ __all__ = [
 ]
 
 
-def build_embedder(config: EmbeddingsConfig, session: aiohttp.ClientSession | None = None) -> Embedder:
-    """The embedder ``config`` describes. ``session``: the app's shared HTTP session, for ``openai``."""
+def build_embedder(config: EmbeddingsConfig, client: UpstreamClient | None = None) -> Embedder:
+    """The embedder ``config`` describes. ``client``: the app's shared upstream connection pool, for ``openai``."""
     if config.provider == "openai":
         assert config.model is not None  # the config validator requires it
         return OpenAIEmbedder(
             model=config.model,
             api_base=config.api_base or DEFAULT_API_BASES["openai"],
             api_key=config.api_key.get_secret_value() if config.api_key else None,
-            session=session,
+            client=client,
             batch_size=config.batch_size,
             cache_size=config.cache_size,
         )

@@ -6,18 +6,21 @@ since not every server returns unit vectors and Keel's indexes score by dot prod
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-import aiohttp
 import numpy as np
+import orjson
+from httptools import HttpParserError
 
 from keel.embed.base import BatchingEmbedder, EmbeddingError, Vectors, normalize
+from keel.llm.client import UpstreamClient
 
 __all__ = ["OpenAIEmbedder"]
 
 
 class OpenAIEmbedder(BatchingEmbedder):
-    """Embeds through ``{api_base}/embeddings``; pass the app's shared ``session`` to reuse its connection pool."""
+    """Embeds through ``{api_base}/embeddings``; pass the app's shared ``client`` to reuse its connection pool."""
 
     def __init__(
         self,
@@ -25,7 +28,7 @@ class OpenAIEmbedder(BatchingEmbedder):
         model: str,
         api_base: str = "https://api.openai.com/v1",
         api_key: str | None = None,
-        session: aiohttp.ClientSession | None = None,
+        client: UpstreamClient | None = None,
         batch_size: int = 64,
         cache_size: int = 4096,
         timeout_s: float = 30.0,
@@ -34,10 +37,12 @@ class OpenAIEmbedder(BatchingEmbedder):
         super().__init__(batch_size=batch_size, cache_size=cache_size, window_s=window_s)
         self.model = model
         self.url = api_base.rstrip("/") + "/embeddings"
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session = session
-        self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._client = client
+        self._owns_client = client is None
+        self._timeout_s = timeout_s
         self._dim: int | None = None
 
     @property
@@ -55,17 +60,22 @@ class OpenAIEmbedder(BatchingEmbedder):
         return np.concatenate(parts)
 
     async def _post(self, texts: list[str]) -> Vectors:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False)
-        body = {"model": self.model, "input": texts, "encoding_format": "float"}
+        if self._client is None:
+            self._client = UpstreamClient(limit=16)
+        body = orjson.dumps({"model": self.model, "input": texts, "encoding_format": "float"})
         try:
-            async with self._session.post(self.url, json=body, headers=self._headers, timeout=self._timeout) as resp:
-                data: Any = await resp.json(content_type=None)
-                if resp.status != 200:
-                    message = data.get("error", {}).get("message") if isinstance(data, dict) else None
-                    raise EmbeddingError(f"{self.url} answered {resp.status}: {message or data!r}")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            async with asyncio.timeout(self._timeout_s):
+                resp = await self._client.request("POST", self.url, headers=self._headers, body=body)
+                try:
+                    raw = await resp.read()
+                finally:
+                    resp.release()
+            data: Any = orjson.loads(raw)
+        except (OSError, HttpParserError, TimeoutError, ValueError) as exc:
             raise EmbeddingError(f"{self.url} failed: {exc!r}") from exc
+        if resp.status != 200:
+            message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+            raise EmbeddingError(f"{self.url} answered {resp.status}: {message or data!r}")
         try:
             rows = sorted(data["data"], key=lambda item: item["index"])
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
@@ -80,5 +90,5 @@ class OpenAIEmbedder(BatchingEmbedder):
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._owns_session and self._session is not None:
-            await self._session.close()
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()

@@ -47,12 +47,12 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.config import DEFAULT_API_BASES, Deployment
 from keel.errors import InvalidRequest, ProviderError, UpstreamError
 from keel.llm.base import ProviderInfo, Timeouts
+from keel.llm.client import Response, UpstreamClient
 from keel.llm.http import error_from_response, iter_sse, read_json, upstream_request
 
 __all__ = ["AnthropicProvider", "StreamTranslator", "from_anthropic_response", "to_anthropic_request"]
@@ -470,21 +470,21 @@ class StreamTranslator:
 class AnthropicProvider:
     """A deployment reached over Anthropic's Messages API."""
 
-    def __init__(self, deployment: Deployment, session: aiohttp.ClientSession) -> None:
+    def __init__(self, deployment: Deployment, client: UpstreamClient) -> None:
         self.deployment = deployment
         self.info = ProviderInfo(
             interface="anthropic", model=deployment.model, context_window=deployment.context_window
         )
-        self._session = session
+        self._client = client
         self._url = f"{deployment.api_base or DEFAULT_API_BASES['anthropic']}/v1/messages"
         headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
         if deployment.api_key:
             headers["x-api-key"] = deployment.api_key
         self._headers = {**headers, **deployment.extra_headers}  # extra headers may override, e.g. the version
 
-    def _post(self, payload: dict[str, Any], timeouts: Timeouts) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+    def _post(self, payload: dict[str, Any], timeouts: Timeouts) -> AbstractAsyncContextManager[Response]:
         return upstream_request(
-            self._session,
+            self._client,
             "POST",
             self._url,
             deployment=self.deployment.id,
@@ -531,4 +531,4 @@ class AnthropicProvider:
         return (True, "configured") if self.deployment.api_key else (False, "no api_key")
 
     async def aclose(self) -> None:
-        """Nothing to release: the HTTP session is shared and owned by the app."""
+        """Nothing to release: the connection pool is shared and owned by the app."""

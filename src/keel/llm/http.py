@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import orjson
+from httptools import HttpParserError
 
 from keel.errors import (
     ContentFiltered,
@@ -21,6 +21,7 @@ from keel.errors import (
     UpstreamError,
     UpstreamRejected,
 )
+from keel.llm.client import Response, UpstreamClient
 
 __all__ = ["error_from_response", "iter_sse", "parse_retry_after", "upstream_request"]
 
@@ -75,6 +76,14 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str], de
     message, code = _message_of(body)
     text = f"upstream {deployment} answered {status}: {message}"
     lowered = f"{code or ''} {message}".lower()
+    if 300 <= status < 400:  # not followed: a POST re-sent elsewhere is not what the config says
+        where = headers.get("location") or "nowhere"
+        return ProviderError(
+            f"upstream {deployment} answered {status}, redirecting to {where}; Keel does not follow redirects: "
+            "set the deployment's api_base to the final URL",
+            deployment=deployment,
+            code="upstream_redirect",
+        )
     if status == 429:
         return RateLimited(text, deployment=deployment, retry_after=parse_retry_after(headers))
     if status in (408, 504):
@@ -98,7 +107,7 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str], de
 
 @asynccontextmanager
 async def upstream_request(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     method: str,
     url: str,
     *,
@@ -106,30 +115,50 @@ async def upstream_request(
     json_body: Any,
     headers: Mapping[str, str],
     connect_timeout: float | None,
-) -> AsyncIterator[aiohttp.ClientResponse]:
+) -> AsyncIterator[Response]:
     """Send one request and yield the 2xx response; raise the classified ``ProviderError`` otherwise.
 
     Wall-clock deadlines belong to the router; here only the connect timeout and transport errors are handled.
-    The response is always released on exit, including on cancellation (that is what frees the upstream).
+    The response is always released on exit, including on cancellation (that closes its connection, which is what
+    frees the upstream).
     """
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout)
     try:
-        async with session.request(method, url, data=orjson.dumps(json_body), headers=headers, timeout=timeout) as resp:
-            if resp.status >= 300:
-                body = await resp.read()
-                raise error_from_response(resp.status, body, resp.headers, deployment)
-            yield resp
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        resp = await client.request(
+            method, url, headers=headers, body=orjson.dumps(json_body), connect_timeout=connect_timeout
+        )
+    except TimeoutError as exc:
         raise ProviderTimeout(f"upstream {deployment} timed out connecting", deployment=deployment) from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamError(f"upstream {deployment} broke the response body: {exc}", deployment=deployment) from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream {deployment} unreachable: {exc}", deployment=deployment) from exc
+    except HttpParserError as exc:
+        raise UpstreamError(
+            f"upstream {deployment} sent a malformed HTTP response: {exc}", deployment=deployment
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise UpstreamError(f"upstream {deployment} unreachable: {_describe(exc)}", deployment=deployment) from exc
+    try:
+        if resp.status >= 300:
+            body = await _body(resp, deployment)
+            raise error_from_response(resp.status, body, resp.headers, deployment)
+        yield resp
+    finally:
+        resp.release()
 
 
-async def read_json(resp: aiohttp.ClientResponse, deployment: str) -> dict[str, Any]:
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def _body(resp: Response, deployment: str) -> bytes:
+    try:
+        return await resp.read()
+    except (OSError, HttpParserError) as exc:
+        raise UpstreamError(
+            f"upstream {deployment} broke the response body: {_describe(exc)}", deployment=deployment
+        ) from exc
+
+
+async def read_json(resp: Response, deployment: str) -> dict[str, Any]:
     """The response body as a JSON object, or ``UpstreamError`` when it is not one."""
-    body = await resp.read()
+    body = await _body(resp, deployment)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -142,7 +171,7 @@ async def read_json(resp: aiohttp.ClientResponse, deployment: str) -> dict[str, 
 
 
 async def iter_sse(
-    resp: aiohttp.ClientResponse, deployment: str, *, on_event: Callable[[], None] | None = None
+    resp: Response, deployment: str, *, on_event: Callable[[], None] | None = None
 ) -> AsyncIterator[tuple[str | None, bytes]]:
     """Yield ``(event, data)`` per server-sent event. Multi-line ``data:`` fields are joined with newlines.
 
@@ -151,28 +180,30 @@ async def iter_sse(
     """
     event: str | None = None
     data: list[bytes] = []
+    pending = b""
     try:
-        async for raw in resp.content:
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                if data:
-                    if on_event is not None:
-                        on_event()
-                    yield event, b"\n".join(data)
-                event, data = None, []
-                continue
-            if line.startswith(b":"):
-                continue
-            field, _, value = line.partition(b":")
-            if value.startswith(b" "):
-                value = value[1:]
-            if field == b"data":
-                data.append(value)
-            elif field == b"event":
-                event = value.decode("utf-8", "replace")
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamError(f"upstream {deployment} broke the stream: {exc}", deployment=deployment) from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream {deployment} stream failed: {exc}", deployment=deployment) from exc
-    if data:
+        async for chunk in resp.iter_chunks():
+            lines = (pending + chunk).split(b"\n") if pending else chunk.split(b"\n")
+            pending = lines.pop()  # the unfinished last line (b"" when the chunk ended a line)
+            for raw in lines:
+                line = raw[:-1] if raw.endswith(b"\r") else raw
+                if not line:
+                    if data:
+                        if on_event is not None:
+                            on_event()
+                        yield event, b"\n".join(data)
+                    event, data = None, []
+                    continue
+                if line.startswith(b":"):
+                    continue
+                field, _, value = line.partition(b":")
+                if value.startswith(b" "):
+                    value = value[1:]
+                if field == b"data":
+                    data.append(value)
+                elif field == b"event":
+                    event = value.decode("utf-8", "replace")
+    except (OSError, HttpParserError) as exc:
+        raise UpstreamError(f"upstream {deployment} broke the stream: {_describe(exc)}", deployment=deployment) from exc
+    if data or pending.strip():
         raise UpstreamError(f"upstream {deployment} ended the stream mid-event", deployment=deployment)

@@ -480,7 +480,7 @@ def _response_format(body: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any] |
 class LocalProvider:
     """A deployment served by an in-process llama.cpp model (``provider: local``)."""
 
-    def __init__(self, deployment: Deployment, session: object | None = None) -> None:
+    def __init__(self, deployment: Deployment, client: object | None = None) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigError(
                 f"models: {deployment.public_name!r} uses provider: local, which needs llama-cpp-python; "

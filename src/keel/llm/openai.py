@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from keel.config import Deployment
 from keel.errors import UpstreamError
 from keel.llm.base import ProviderInfo, Timeouts
+from keel.llm.client import UpstreamClient
 from keel.llm.http import iter_sse, read_json, upstream_request
 
 __all__ = ["OpenAIProvider"]
@@ -21,10 +21,10 @@ __all__ = ["OpenAIProvider"]
 class OpenAIProvider:
     """A deployment reached over OpenAI's HTTP API."""
 
-    def __init__(self, deployment: Deployment, session: aiohttp.ClientSession) -> None:
+    def __init__(self, deployment: Deployment, client: UpstreamClient) -> None:
         self.deployment = deployment
         self.info = ProviderInfo(interface="openai", model=deployment.model, context_window=deployment.context_window)
-        self._session = session
+        self._client = client
         self._base = deployment.api_base or "https://api.openai.com/v1"
         headers = {"Content-Type": "application/json", **deployment.extra_headers}
         if deployment.api_key:
@@ -34,7 +34,7 @@ class OpenAIProvider:
     async def complete(self, body: dict[str, Any], timeouts: Timeouts) -> dict[str, Any]:
         did = self.deployment.id
         async with upstream_request(
-            self._session,
+            self._client,
             "POST",
             f"{self._base}/chat/completions",
             deployment=did,
@@ -50,7 +50,7 @@ class OpenAIProvider:
     async def stream(self, body: dict[str, Any], timeouts: Timeouts) -> AsyncIterator[dict[str, Any]]:
         did = self.deployment.id
         async with upstream_request(
-            self._session,
+            self._client,
             "POST",
             f"{self._base}/chat/completions",
             deployment=did,
@@ -80,7 +80,7 @@ class OpenAIProvider:
     async def embed(self, body: dict[str, Any], timeouts: Timeouts) -> dict[str, Any]:
         did = self.deployment.id
         async with upstream_request(
-            self._session,
+            self._client,
             "POST",
             f"{self._base}/embeddings",
             deployment=did,
@@ -94,4 +94,4 @@ class OpenAIProvider:
         return True, f"openai-compatible at {self._base}"
 
     async def aclose(self) -> None:
-        """Nothing to release: the HTTP session is shared and owned by the app."""
+        """Nothing to release: the connection pool is shared and owned by the app."""

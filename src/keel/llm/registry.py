@@ -7,10 +7,9 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
-import aiohttp
-
 from keel.config import ConfigError, Deployment
 from keel.llm.base import Provider
+from keel.llm.client import UpstreamClient
 
 __all__ = ["build_provider", "provider_class"]
 
@@ -24,6 +23,7 @@ def provider_class(name: str) -> Any:
     raise ConfigError(f"unknown provider {name!r} (installed: {known}); install its plugin or fix `provider:`")
 
 
-def build_provider(deployment: Deployment, session: aiohttp.ClientSession) -> Provider:
-    provider: Provider = provider_class(deployment.provider)(deployment, session)
+def build_provider(deployment: Deployment, client: UpstreamClient) -> Provider:
+    """A provider class is called with the deployment and the worker's shared upstream connection pool."""
+    provider: Provider = provider_class(deployment.provider)(deployment, client)
     return provider
