@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages Keel's build and tests need. Installs only what is missing (apt-get needs root).
 set -euo pipefail
-PACKAGES=(cmake g++ make redis-server postgresql)
+PACKAGES=(cmake g++ make redis-server postgresql openssl ca-certificates)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -129,6 +129,7 @@ class Response:
         self._paused = False
         self._complete = False
         self._until_close = False
+        self._keep_alive = False
         self._received_any = False
         self._error: BaseException | None = None
         self._wake: asyncio.Future[None] | None = None
@@ -182,6 +183,7 @@ class Response:
             tail = self._decoder.flush()
             if tail:
                 self._chunks.append(tail)
+        self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it once the message is done
         self._complete = True
         self._notify()
 
@@ -256,9 +258,7 @@ class Response:
         if self._released:
             return
         self._released = True
-        reusable = self._complete and self._error is None and not self._until_close
-        if reusable:
-            reusable = self._parser.should_keep_alive() and "close" not in self.headers.get("connection", "").lower()
+        reusable = self._complete and self._keep_alive and self._error is None and not self._until_close
         self._conn.done(reusable)
         self._release_slot()
 
