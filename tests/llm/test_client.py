@@ -467,3 +467,29 @@ def test_tls_with_sni_and_verification(run: Any, certificate: tuple[Path, Path])
         server.close()
 
     run(main())
+
+
+def test_connections_idle_past_keepalive_are_closed(run: Any) -> None:
+    """A burst opens several connections; once they have idled past ``keepalive_s`` the next request closes
+    them (oldest first) instead of keeping them open for ever."""
+
+    async def main() -> None:
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            while await box[0].read_request(reader) is not None:
+                await asyncio.sleep(0.05)
+                writer.write(answer(b"ok"))
+
+        box: list[RawServer] = []
+        async with RawServer(slow) as server:
+            box.append(server)
+            client = UpstreamClient(keepalive_s=0.2)
+            await asyncio.gather(*(fetch(client, server.url) for _ in range(3)))
+            assert client.idle_connections() == 3
+            await fetch(client, server.url)
+            assert client.idle_connections() == 3  # reused one, within keep-alive
+            await asyncio.sleep(0.3)
+            await fetch(client, server.url)
+            assert client.idle_connections() == 1 and server.connections == 4  # all three expired; a new one
+            await client.aclose()
+
+    run(main())

@@ -371,11 +371,12 @@ class UpstreamClient:
         """A live idle connection to ``origin`` (most recently used first), or a new one."""
         idle = origin.idle
         now = time.monotonic()
+        while idle and now - idle[0].idle_since >= self._keepalive_s:  # the oldest: unused since a past burst
+            idle.popleft().close()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self._keepalive_s:
+            if not conn.closed:
                 return conn, True
-            conn.close()
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):
             transport, conn = await loop.create_connection(
