@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from keel.pipeline.auth import Principal
     from keel.state import Admission
 
-__all__ = ["Attempt", "RequestContext"]
+__all__ = ["Attempt", "RequestContext", "on_behalf_of"]
 
 log = logging.getLogger("keel.pipeline")
 
@@ -44,6 +45,7 @@ class RequestContext:
     body: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None  # set when the work is over before finish() runs (a side call)
 
     authorization: str | None = None
     principal: Principal | None = None
@@ -74,6 +76,9 @@ class RequestContext:
     error: KeelError | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # Model calls made on this request's behalf (a guardrail rail asking a model): each is logged and written to
+    # the ledger as its own row under this request's principal, and its cost settles with this request's budgets.
+    side_calls: list[RequestContext] = field(default_factory=list)
 
     _deferred: list[Deferred] = field(default_factory=list)
     _finished: bool = False
@@ -89,7 +94,7 @@ class RequestContext:
 
     @property
     def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1000
+        return ((self.ended or time.perf_counter()) - self.started) * 1000
 
     def finish_soon(self) -> None:
         """``finish()`` in a task of its own, for paths being cancelled (client disconnects)."""
@@ -110,3 +115,7 @@ class RequestContext:
                     await result
             except Exception:
                 log.exception("deferred hook %r failed for request %s", fn, self.request_id)
+
+
+# The request a guardrail check is running for, so that model calls the check makes (NeMo rails) are billed to it.
+on_behalf_of: ContextVar[RequestContext | None] = ContextVar("keel_on_behalf_of", default=None)

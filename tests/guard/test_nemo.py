@@ -305,3 +305,55 @@ def test_keel_hands_the_check_its_router_and_the_config_files_folder(tmp_path: P
     keel_yaml.write_text(keel_yaml.read_text().replace("config_dir: rails", "config_dir: rails, router: x"))
     with pytest.raises(ConfigError, match="'router' is set by Keel"):
         build_guards(load_config(keel_yaml), router=router)
+
+
+async def test_rail_model_calls_are_billed_to_the_request_they_guard(
+    keel: Callable[..., KeelServer], fake: FakeUpstreamThread, tmp_path: Path
+) -> None:
+    """A rail that asks a model (self check, input and output) costs money: each call is a ledger row under the
+    caller's key (through /v1/guardrails/check too) and counts against the key's budget when a chat settles. Here
+    the chat alone stays under the key's soft threshold; with its two rail calls it is over, so the next request
+    is downgraded."""
+    (tmp_path / "rails").mkdir()
+    (tmp_path / "rails" / "config.yml").write_text(SELF_CHECK.replace("model: assistant", "model: checker"))
+    price = "price: {input_per_mtok: 1000, output_per_mtok: 1000}"
+    models = (
+        f"  - {{name: smart, model: up-smart, api_base: '{{fake}}', max_retries: 0, {price}}}\n"
+        "  - {name: cheap, model: up-cheap, api_base: '{fake}', price: {input_per_mtok: 1, output_per_mtok: 1}}\n"
+        f"  - {{name: checker, model: up-checker, api_base: '{{fake}}', max_retries: 0, {price}}}\n"
+    )
+    master = "sk-master-test-0123456789"
+    extra = (
+        f"auth: {{master_key: {master}, key_cache_ttl_s: 0}}\nbudgets: {{downgrade_model: cheap}}\n"
+        "apps:\n  - name: phones\n    model: smart\n    guardrails:\n"
+        f"      input: [{{check: nemo, config_dir: '{tmp_path / 'rails'}', timeout_ms: 5000}}]\n"
+        f"      output: [{{check: nemo, config_dir: '{tmp_path / 'rails'}', timeout_ms: 5000}}]\n"
+    )
+    server = keel(models, extra=extra)
+    warm_up = len(fake.requests)  # Keel's start-up warm-up runs the checks once, for nobody
+    fake.script({"content": "No", "times": 100}, model="up-checker")
+    admin = {"Authorization": f"Bearer {master}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            server.url + "/v1/admin/keys",
+            json={"user_id": "alice", "budget_usd": 1, "soft_budget_usd": 0.006},
+            headers=admin,
+        ) as resp:
+            key = await resp.json()
+        caller = {"Authorization": f"Bearer {key['key']}", "x-keel-app": "phones"}
+        body = {"model": "smart", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+        async with http.post(server.url + "/v1/chat/completions", json=body, headers=caller) as resp:
+            assert resp.status == 200, await resp.text()
+            assert float(resp.headers["x-keel-cost-usd"]) == pytest.approx(0.005)  # under the soft threshold
+        async with http.post(server.url + "/v1/chat/completions", json=body, headers=caller) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-keel-downgraded"] == "smart->cheap"  # the rail calls were settled too
+        check = {"app": "phones", "text": "is the Pixel 9 waterproof?", "direction": "input"}
+        async with http.post(server.url + "/v1/guardrails/check", json=check, headers=caller) as resp:
+            assert resp.status == 200 and (await resp.json())["allowed"] is True
+        async with http.get(server.url + f"/v1/usage?group_by=model&key_id={key['id']}", headers=admin) as resp:
+            usage = {row["group"]: row for row in (await resp.json())["data"]}
+    checker_calls = [r for r in fake.requests[warm_up:] if r["body"]["model"] == "up-checker"]
+    assert len(checker_calls) == 5  # input and output for two chats, and the direct check
+    assert usage["checker"]["requests"] == 5 and usage["checker"]["cost_usd"] > 0
+    assert usage["smart"]["requests"] == 1 and usage["cheap"]["requests"] == 1

@@ -66,7 +66,7 @@ async def check_input(guards: AppGuards, ctx: RequestContext, text: str, embed: 
     """Run the app's input checks on a user message; raises :class:`GuardrailBlocked` (the app's refusal and the
     reasons) when blocked. The verdict's ``text`` is what the model may see."""
     assert guards.input is not None
-    inp = GuardInput(text, "input", app=guards.app, embed=embed)
+    inp = GuardInput(text, "input", app=guards.app, embed=embed, request=ctx)
     verdict = await guards.input.run(inp, request_id=ctx.request_id)
     _record(ctx, "input", verdict)
     if not verdict.allowed:
@@ -117,7 +117,7 @@ async def _check_answer(
     inp = GuardInput(
         text, "output", app=guards.app, context=scope.context, system_prompt=scope.system_prompt, schema=scope.schema
     )
-    inp.embed = embed
+    inp.embed, inp.request = embed, ctx
     verdict = await guards.output.run(inp, request_id=ctx.request_id)
     _record(ctx, "output", verdict)
     return verdict
@@ -185,7 +185,7 @@ async def guard_answer_stream(
     template = GuardInput(
         "", "output", app=guards.app, context=scope.context, system_prompt=scope.system_prompt, schema=scope.schema
     )
-    template.embed = embed
+    template.embed, template.request = embed, ctx
 
     def new_guard() -> StreamGuard:
         return StreamGuard(

@@ -26,6 +26,7 @@ from keel.api.guarded import app_guards
 from keel.api.http import error_response, json_response, read_json
 from keel.api.schemas import validate
 from keel.api.state import AppState
+from keel.context import RequestContext
 from keel.errors import InvalidRequest, KeelError
 from keel.guard.base import GuardInput
 
@@ -69,7 +70,7 @@ def _app_name(state: AppState, name: str | None) -> str:
 async def check(request: Request) -> Response:
     state: AppState = request.app.state.keel
     try:
-        await state.auth.principal(request.headers.get("authorization"))
+        principal = await state.auth.principal(request.headers.get("authorization"))
         body = validate(CheckIn, await read_json(request, state.config.server.max_body_bytes))
         app = _app_name(state, body.app)
         guards = app_guards(state, app)
@@ -83,7 +84,13 @@ async def check(request: Request) -> Response:
             schema=body.output_schema,
             embed=state.embedder.embed,
         )
-        verdict = None if runner is None else await runner.run(inp, request_id=request.scope["state"]["request_id"])
+        # Model calls a rail makes (NeMo) are billed to the caller: ledger rows and log lines of their own.
+        inp.request = ctx = RequestContext(request_id=request.scope["state"]["request_id"], route="guardrails.check")
+        ctx.principal = principal
+        try:
+            verdict = None if runner is None else await runner.run(inp, request_id=ctx.request_id)
+        finally:
+            state.accounting.record(ctx)
     except KeelError as exc:
         return error_response(exc)
     if verdict is None:

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from keel.context import RequestContext
 
 __all__ = ["Action", "Check", "Direction", "Finding", "GuardInput", "Span", "string_list"]
 
@@ -53,7 +56,8 @@ class Finding:
 class GuardInput:
     """What a check sees. ``context``: the retrieved knowledge the answer was built from (output checks compare
     contact details against it); ``system_prompt``: the system messages sent upstream (leak check);
-    ``schema``: the JSON schema the output must satisfy, if the prompt declares one."""
+    ``schema``: the JSON schema the output must satisfy, if the prompt declares one; ``request``: the Keel request
+    the text belongs to, which model calls a check makes are billed to."""
 
     text: str
     direction: Direction
@@ -62,6 +66,7 @@ class GuardInput:
     system_prompt: str | None = None
     schema: Mapping[str, Any] | None = None
     embed: Callable[[list[str]], Awaitable[npt.NDArray[np.float32]]] | None = None
+    request: RequestContext | None = field(default=None, repr=False)
     _embedding: asyncio.Future[npt.NDArray[np.float32]] | None = field(default=None, repr=False)
 
     async def embedding(self) -> npt.NDArray[np.float32]:

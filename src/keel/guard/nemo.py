@@ -38,6 +38,7 @@ import secrets
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -45,13 +46,14 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from keel.context import RequestContext, on_behalf_of
+from keel.errors import KeelError
 from keel.guard.base import Direction, Finding, GuardInput
 
 if TYPE_CHECKING:
     from nemoguardrails import RailsConfig
     from nemoguardrails.types import ChatMessage, LLMResponse, LLMResponseChunk
 
-    from keel.context import RequestContext
     from keel.llm.router import Router
 
 __all__ = ["ENGINE", "INSTALL_HINT", "NemoCheck"]
@@ -142,7 +144,7 @@ class NemoCheck:
             return []
         if inp.direction == "output" and not self._output_rails:
             return []
-        token = _EMBED.set(inp.embed)
+        token, caller = _EMBED.set(inp.embed), on_behalf_of.set(inp.request)
         try:
             if self._warm:
                 return await self._run(inp.direction, inp.text)
@@ -159,6 +161,7 @@ class NemoCheck:
                 return findings
         finally:
             _EMBED.reset(token)
+            on_behalf_of.reset(caller)
 
     async def _run(self, direction: Direction, text: str) -> list[Finding]:
         from nemoguardrails.rails.llm.options import GenerationResponse
@@ -318,9 +321,11 @@ class _RouterLLM:
         from nemoguardrails.types import LLMResponse, UsageInfo
 
         ctx, router = self._request(prompt, stop, kwargs)
-        result = await router.complete(ctx, ctx.body)
+        async with _billed(ctx):
+            result = await router.complete(ctx, ctx.body)
+            usage = result.get("usage") or {}
+            ctx.usage = usage if isinstance(usage, dict) and usage else None
         choice = (result.get("choices") or [{}])[0]
-        usage = result.get("usage") or {}
         reason = choice.get("finish_reason")
         return LLMResponse(
             content=(choice.get("message") or {}).get("content") or "",
@@ -340,18 +345,19 @@ class _RouterLLM:
         from nemoguardrails.types import LLMResponseChunk
 
         ctx, router = self._request(prompt, stop, kwargs)
-        async for chunk in await router.stream(ctx, ctx.body):
-            for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                reason = choice.get("finish_reason")
-                if text or reason:
-                    yield LLMResponseChunk(delta_content=text, finish_reason=reason if reason in _FINISH else None)
+        async with _billed(ctx):
+            async for chunk in await router.stream(ctx, ctx.body):
+                if isinstance(chunk.get("usage"), dict):
+                    ctx.usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content")
+                    reason = choice.get("finish_reason")
+                    if text or reason:
+                        yield LLMResponseChunk(delta_content=text, finish_reason=reason if reason in _FINISH else None)
 
     def _request(
         self, prompt: str | list[ChatMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[RequestContext, Router]:
-        from keel.context import RequestContext
-
         if self._keel_router is None:
             raise RuntimeError(
                 "a NeMo rail asked for a model, but the rails config names none: add a `type: main` model with "
@@ -367,9 +373,36 @@ class _RouterLLM:
         body.update({k: v for k, v in kwargs.items() if k in _BODY_KEYS and v is not None})
         if stop:
             body["stop"] = stop[:4]  # OpenAI's limit
-        ctx = RequestContext(request_id="nemo_" + secrets.token_hex(12), route="guard.nemo", body=body)
+        caller = on_behalf_of.get()
+        if caller is None:
+            ctx = RequestContext(request_id="nemo_" + secrets.token_hex(12), route="guard.nemo", body=body)
+        else:
+            request_id = f"{caller.request_id}:nemo:{len(caller.side_calls) + 1}"
+            ctx = RequestContext(request_id=request_id, route="guard.nemo", body=body, principal=caller.principal)
+            caller.side_calls.append(ctx)
         ctx.public_model = self._model
         return ctx, self._keel_router
+
+
+@asynccontextmanager
+async def _billed(ctx: RequestContext) -> AsyncIterator[None]:
+    """Ends a rail's model call: how long it took and how it went. A call made for a Keel request is recorded with
+    that request (its own ledger row and log line, its cost in the request's budgets); one made outside any, by a
+    check run on its own, only gets its log line and metrics, here."""
+    from keel.pipeline.accounting import record_request
+
+    try:
+        yield
+    except KeelError as exc:
+        ctx.fail(exc)
+        raise
+    except asyncio.CancelledError:
+        ctx.status, ctx.outcome = 499, "client_closed"
+        raise
+    finally:
+        ctx.ended = time.perf_counter()
+        if on_behalf_of.get() is None:
+            record_request(ctx)
 
 
 async def _end_turn(**_: Any) -> Any:

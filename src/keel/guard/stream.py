@@ -83,6 +83,7 @@ class StreamGuard:
             system_prompt=t.system_prompt,
             schema=t.schema,
             embed=t.embed,
+            request=t.request,
         )
 
     def _judge(self, verdict: Verdict) -> None:

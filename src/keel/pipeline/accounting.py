@@ -34,7 +34,11 @@ class Accounting:
 
     def record(self, ctx: RequestContext) -> None:
         """Queue the ledger row (deferred hook). Requests refused before reaching a model spent nothing and are
-        left to the request log."""
+        left to the request log. Model calls made on the request's behalf get their own rows and log lines."""
+        for call in ctx.side_calls:
+            self.price(call)
+            self.record(call)
+            record_request(call)
         if ctx.deployment is None:
             return
         principal = ctx.principal

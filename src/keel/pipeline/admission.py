@@ -26,7 +26,7 @@ import orjson
 from keel.config import KeelConfig
 from keel.context import RequestContext
 from keel.errors import BudgetExceeded, InvalidRequest, RateLimitExceeded
-from keel.llm.pricing import PriceBook, estimate_cost_micros
+from keel.llm.pricing import PriceBook, cost_micros, estimate_cost_micros
 from keel.llm.tokens import estimate_usage
 from keel.pipeline.auth import Principal, ScopeSettings
 from keel.pipeline.budget import Period, period_of
@@ -263,7 +263,11 @@ class AdmissionStage:
         for i in tpm_positions:
             actuals[i] = total
         try:
-            await self.counters.settle(admission, actuals, ctx.cost_micros or 0)
+            # Guardrail model calls made for this request count against its budgets (not its token windows).
+            cost = (ctx.cost_micros or 0) + sum(
+                cost_micros(self.prices.for_deployment(c.deployment), c.usage) or 0 for c in ctx.side_calls
+            )
+            await self.counters.settle(admission, actuals, cost)
             if self.global_cap is not None:
                 [(spent, _)] = await self.counters.budget_spent([f"budget:global:{period_of('daily').id}"])
                 await self.emergency.check(spent)
