@@ -84,8 +84,9 @@ def create_app(config: KeelConfig) -> FastAPI:
         prices = PriceBook(config.models)
         cap = config.budgets.global_daily_usd
         emergency = EmergencyMode(counters, round(cap * 1_000_000) if cap else None)
-        stages: list[Stage] = [AuthStage(auth), AdmissionStage(config, counters, prices, spend, emergency)]
-        accounting = Accounting(prices, ledger)
+        admission = AdmissionStage(config, counters, prices, spend, emergency)
+        stages: list[Stage] = [AuthStage(auth), admission]
+        accounting = Accounting(prices, ledger, charge=admission.charge)
         prompt_service = PromptService(
             db, Path(config.prompts_dir) if config.prompts_dir else None, known_models=router.names
         )

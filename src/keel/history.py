@@ -589,6 +589,8 @@ class Summarizer:
         usage = result.get("usage")
         ctx.usage = usage if isinstance(usage, dict) else None
         self._accounting.price(ctx)
+        if self._accounting.charge is not None:  # no request settles a background call: it goes to the budgets here
+            await self._accounting.charge(ctx)
         await ctx.finish()
         choices = result.get("choices") or [{}]
         content = (choices[0].get("message") or {}).get("content")

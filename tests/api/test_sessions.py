@@ -489,3 +489,46 @@ async def test_client_leaving_mid_stream_frees_the_session(
         ("are you there?", "ok"),
         ("Echo: are you there?", "ok"),
     ]
+
+
+async def test_background_summaries_count_against_the_owners_budgets(
+    keel: Keel, fake: FakeUpstreamThread, http: aiohttp.ClientSession
+) -> None:
+    """A summary is written after its turn has settled, so it is charged to the key's budgets on its own: with the
+    soft threshold set between the turns' cost and the turns' plus the summaries', the next request is
+    downgraded."""
+    price = "price: {input_per_mtok: 1000, output_per_mtok: 1000}"
+    models = (
+        f"  - {{name: chat, model: gpt-4, api_base: '{{fake}}', context_window: 400, max_retries: 0, {price}}}\n"
+        f"  - {{name: summarizer, model: gpt-3.5-turbo, api_base: '{{fake}}', context_window: 400, {price}}}\n"
+        "  - {name: cheap, model: up-cheap, api_base: '{fake}', price: {input_per_mtok: 1, output_per_mtok: 1}}\n"
+    )
+    server = keel(models, extra=AUTH + APPS.split("  - name: roomy")[0] + "budgets: {downgrade_model: cheap}\n")
+    fake.script({"content": "Summary: Ada, Paris.", "times": 1000}, model="gpt-3.5-turbo")
+    admin = Client(server, http, key=MASTER)
+    status, key = await admin.call("POST", "/v1/admin/keys", {"user_id": "ada", "budget_usd": 100})
+    assert status == 201, key
+    c = Client(server, http, key=key["key"])
+    sid = await c.new_session()
+    for i in range(1, 60):
+        status, body = await c.say(sid, f"Turn {i}: my favourite number is {i * 7} and my friend is Friend{i}.")
+        assert status == 200, body
+        if (await c.call("GET", f"/v1/sessions/{sid}"))[1]["summary"] is not None:
+            break
+    deadline = time.monotonic() + 10
+    while fake.stats["active"] and time.monotonic() < deadline:  # a fold still in flight
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    status, usage = await admin.call("GET", f"/v1/usage?group_by=model&key_id={key['id']}")
+    costs = {row["group"]: row["cost_usd"] for row in usage["data"]}
+    assert costs["summarizer"] > 0 and costs["chat"] > 0
+    soft = costs["chat"] + costs["summarizer"] / 2
+    status, _ = await admin.call("PATCH", f"/v1/admin/keys/{key['id']}", {"soft_budget_usd": round(soft, 6)})
+    assert status == 200
+    async with http.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key['key']}"},
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers.get("x-keel-downgraded") == "chat->cheap"

@@ -7,6 +7,7 @@ through a :class:`~keel.store.writer.BatchWriter`, so recording spend never wait
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,9 +25,18 @@ def cost_header(ctx: RequestContext) -> str:
 
 
 class Accounting:
-    def __init__(self, prices: PriceBook, ledger: BatchWriter[dict[str, Any]]) -> None:
+    """``charge``: adds a call's cost to its principal's budgets, for calls no admitted request settles (the
+    admission stage's :meth:`~keel.pipeline.admission.AdmissionStage.charge`; none: budgets are not kept)."""
+
+    def __init__(
+        self,
+        prices: PriceBook,
+        ledger: BatchWriter[dict[str, Any]],
+        charge: Callable[[RequestContext], Awaitable[None]] | None = None,
+    ) -> None:
         self.prices = prices
         self.ledger = ledger
+        self.charge = charge
 
     def price(self, ctx: RequestContext) -> None:
         """Set ``ctx.cost_micros`` from the usage and the price of the deployment that served."""

@@ -171,6 +171,23 @@ class AdmissionStage:
         tpm_positions = [i for i, (_, kind) in enumerate(window_scopes) if kind == "tokens"]
         ctx.defer(lambda c: self._settle(c, admission, tpm_positions))
 
+    async def charge(self, ctx: RequestContext) -> None:
+        """Add the cost of a call that no admitted request settles (a session's background summary) to the budgets
+        of ``ctx.principal``. It never refuses, since the work is done: a budget it fills refuses the next
+        request. A budget already over its limit is left as it is (it refuses anyway)."""
+        principal = ctx.principal
+        if principal is None or not ctx.cost_micros:
+            return
+        budgets = self._budgets(principal.scopes)
+        if not budgets:
+            return
+        try:
+            await self._seed(budgets)
+            admission = await self.counters.admit(f"{ctx.request_id}:charge", budgets=[b.limit for b in budgets])
+            await self.counters.settle(admission, None, ctx.cost_micros)
+        except CountersUnavailable as exc:
+            log.error("could not charge %s to its budgets: %s", ctx.request_id, exc)
+
     def _budgets(self, scopes: Sequence[ScopeSettings]) -> list[_Budget]:
         out = []
         for s in scopes:
