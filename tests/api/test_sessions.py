@@ -171,7 +171,7 @@ async def test_300_turns_always_fit_with_system_prompt_pinned_message_and_summar
         elif first_summary is not None:
             pytest.fail(f"request {i} lost the summary")
     assert first_drop is not None and first_summary is not None and summary_saved_before is not None
-    assert first_drop < first_summary <= summary_saved_before  # written in the background, used once stored
+    assert first_drop <= first_summary <= summary_saved_before  # written in the background, used once stored
 
     # The summarizer saw every dropped message exactly once, in order, with the instruction to keep the facts.
     # A fold may still be running in the background (its call sent, its summary not yet saved): wait for it.

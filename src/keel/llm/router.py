@@ -44,6 +44,9 @@ __all__ = ["Breaker", "DeploymentHandle", "PrimedStream", "Router"]
 T = TypeVar("T")
 
 
+_TIMER_SLACK_S = 0.005
+
+
 @dataclass(slots=True)
 class Breaker:
     """Per-deployment circuit breaker (closed → open → half-open trial → closed/open)."""
@@ -288,7 +291,9 @@ class Router:
                 if exc.retry_after is not None:
                     if exc.retry_after > cfg.max_retry_after_s:
                         break  # the upstream wants longer than we will hold the client: fall back now
-                    wait = max(wait, exc.retry_after)
+                    # Past the deployment's reopening: event loops may fire a timer up to a millisecond early
+                    # (uvloop counts in whole milliseconds), which would find it still cooling down.
+                    wait = max(wait, exc.retry_after + _TIMER_SLACK_S)
                 await asyncio.sleep(wait)
                 continue
             except asyncio.CancelledError:
