@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from fixtures.redis_server import RedisServer
 from helpers import KeelServer, chat_body
 from keel.testing.fake_upstream import FakeUpstreamThread
 
@@ -307,3 +308,25 @@ async def test_secret_never_logged(
     out, err = capfd.readouterr()
     for s in (secret, MASTER, "sk-keel-not-a-real-key-but-secret", "sk-upstream"):
         assert s not in out + err
+
+
+async def test_budget_spend_survives_a_redis_restart(
+    keel: Keel, session: aiohttp.ClientSession, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis restarts empty (no persistence): the counters forget the period's spend. The new connection tells
+    Keel to seed every budget from the ledger again, so the key still cannot spend more than its budget."""
+    extra = AUTH + f"redis_url: {redis_url}\naccounting: {{flush_interval_s: 0.05}}\n"
+    c = Client(keel(PRICED, extra=extra), session)
+    key_id, secret = await c.key(budget_usd=0.03, budget_period="daily")
+    for _ in range(3):
+        assert (await c.chat(secret, max_tokens=5))[0] == 200  # $0.005 each
+    await asyncio.sleep(0.3)  # in the ledger
+    redis_server.stop()
+    redis_server.start()
+    statuses = [(await c.chat(secret, max_tokens=5))[0] for _ in range(8)]
+    assert set(statuses) <= {200, 429, 503}  # 503 at most while the pool finds its connections dead
+    assert statuses.count(200) >= 1 and statuses[-1] == 429
+    await asyncio.sleep(0.3)
+    _, _, usage = await c.call("GET", "/v1/usage?group_by=key")
+    [row] = usage["data"]
+    assert row["group"] == key_id and row["cost_usd"] <= 0.03 + 1e-9  # without the re-seed: $0.015 + 5 x $0.005

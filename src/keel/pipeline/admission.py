@@ -112,6 +112,7 @@ class AdmissionStage:
         self.emergency = emergency
         self.global_cap = emergency.cap_micros
         self._seeded: dict[str, float] = {}
+        self._generation = counters.generation
 
     async def __call__(self, ctx: RequestContext) -> None:
         principal = ctx.principal
@@ -202,6 +203,9 @@ class AdmissionStage:
         return out
 
     async def _seed(self, budgets: Sequence[_Budget]) -> None:
+        if self.counters.generation != self._generation:  # Redis may have restarted empty: seed everything again
+            self._generation = self.counters.generation
+            self._seeded.clear()
         now = time.monotonic()
         for b in budgets:
             if self._seeded.get(b.limit.key, 0.0) > now:

@@ -106,6 +106,10 @@ class Admission:
 
 
 class Counters(Protocol):
+    # Changes whenever the counters may have been lost since (a new connection to a Redis that may have restarted
+    # empty): budgets seeded from the ledger before then must be seeded again.
+    generation: int
+
     async def admit(
         self,
         lease_id: str,
@@ -128,7 +132,8 @@ class Counters(Protocol):
         ...
 
     async def budget_seed(self, key: str, spent_micros: int, ttl_s: int) -> bool:
-        """Initialise a budget's spent counter (from the durable ledger) if it does not exist yet. True if set."""
+        """Raise a budget's spent counter to at least ``spent_micros`` (the durable ledger's total, which lags the
+        counters and so never lowers them; it restores what a lost counter forgot). True if it changed."""
         ...
 
     async def get(self, key: str) -> bytes | None: ...

@@ -176,6 +176,7 @@ class MemoryCounters:
 
     def __init__(self, *, max_keys: int = 1_000_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_keys = max_keys
+        self.generation = 0  # this process's counters live and die with it
         self._clock = clock
         self._entries: OrderedDict[tuple[_Kind, str], _Entry] = OrderedDict()
         self._added = 0
@@ -347,7 +348,7 @@ class MemoryCounters:
     async def budget_seed(self, key: str, spent_micros: int, ttl_s: int) -> bool:
         now = self._clock()
         budget = self._budget(key, now)
-        if budget is not None and budget.spent is not None:
+        if budget is not None and budget.spent is not None and budget.spent >= spent_micros:
             return False
         if budget is None:
             budget = _Budget()

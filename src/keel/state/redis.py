@@ -24,7 +24,7 @@ because a replayed admit would count twice and the caller's failure policy is th
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
@@ -236,7 +236,9 @@ return out
 
 # KEYS: budget hash, reservation zset. ARGV: spent micros, ttl_s.
 _BUDGET_SEED = """
-if redis.call('HSETNX', KEYS[1], 'spent', ARGV[1]) == 0 then return 0 end
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent'))
+if spent and spent >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'spent', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
@@ -272,6 +274,9 @@ class RedisCounters:
         self, url: str, *, prefix: str = "keel:", socket_timeout: float = 1.0, max_connections: int = 64
     ) -> None:
         self.url = mask_url(url)
+        # Bumped by every new connection: Redis may have restarted (without persistence, empty) since the last one,
+        # and the admission stage then re-seeds the budgets it has seen from the ledger.
+        self.generation = 0
         self._tagged = prefix + "{keel}:"
         self._kv = prefix + "kv:"
         pool = BlockingConnectionPool.from_url(
@@ -281,12 +286,17 @@ class RedisCounters:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
+            redis_connect_func=self._connected,
         )
         self._redis = Redis.from_pool(pool)
         self._admit = self._redis.register_script(_PRELUDE + _ADMIT)
         self._settle = self._redis.register_script(_PRELUDE + _SETTLE)
         self._budget_spent = self._redis.register_script(_PRELUDE + _BUDGET_SPENT)
         self._budget_seed = self._redis.register_script(_BUDGET_SEED)
+
+    async def _connected(self, connection: Any) -> None:
+        await connection.on_connect()
+        self.generation += 1
 
     async def _run(self, call: Awaitable[T]) -> T:
         try:
