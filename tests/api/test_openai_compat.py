@@ -241,7 +241,7 @@ async def test_cookies_an_upstream_sets_are_not_sent_back(keel: Keel, fake: Fake
     assert "cookie" not in first["headers"] and "cookie" not in second["headers"]
 
 
-async def test_health_ready_metrics(keel: Keel) -> None:
+async def test_health_ready_metrics(keel: Keel, fake: FakeUpstreamThread) -> None:
     server = keel(ONE_MODEL)
     async with aiohttp.ClientSession() as s:
         async with s.get(server.url + "/health") as resp:
@@ -255,10 +255,16 @@ async def test_health_ready_metrics(keel: Keel) -> None:
         for i in range(3):  # made-up model names: 404s, counted under one label, not one series each
             async with s.post(server.url + "/v1/chat/completions", json=chat_body(model=f"made-up-{i}")) as resp:
                 assert resp.status == 404
+        for i in range(3):  # the upstream's own error codes are not ours to turn into series either
+            fake.script({"status": 400, "code": f"made-up-code-{i}"})
+            async with s.post(server.url + "/v1/chat/completions", json=chat_body()) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == f"made-up-code-{i}"
         async with s.get(server.url + "/metrics") as resp:
             text = await resp.text()
     assert 'keel_requests_total{model="smart",route="openai.chat",status="200"}' in text
     assert 'keel_requests_total{model="unknown",route="openai.chat",status="404"}' in text
+    assert 'keel_upstream_attempts_total{deployment="smart",outcome="upstream_rejected"} 3.0' in text
+    assert 'keel_upstream_attempts_total{deployment="smart",outcome="ok"}' in text
     assert "made-up" not in text
     assert "keel_overhead_seconds_bucket" in text
     pauses = [line for line in text.splitlines() if line.startswith('keel_gc_pause_seconds_count{generation="2"}')]

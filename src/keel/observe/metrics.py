@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
+from keel import errors
 from keel.context import RequestContext
 
 __all__ = [
@@ -35,6 +36,17 @@ OVERHEAD = Histogram(
 )
 TTFT = Histogram("keel_time_to_first_token_seconds", "Streams: time to the first chunk", ["model"], buckets=_LATENCY)
 ATTEMPTS = Counter("keel_upstream_attempts_total", "Calls to upstream deployments", ["deployment", "outcome"])
+# Attempt outcomes are Keel's error codes; an upstream's own codes (its 4xx bodies say anything) are one label.
+_OUTCOMES = frozenset(
+    {"ok", "cancelled", "upstream_redirect"}
+    | {
+        value
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.KeelError)
+        for value in (cls.code, cls.type)
+        if isinstance(value, str)
+    }
+)
 TOKENS = Counter("keel_tokens_total", "Tokens reported by upstreams", ["model", "kind"])
 _GUARD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 GUARD_CHECK = Histogram(
@@ -80,7 +92,7 @@ def observe_request(ctx: RequestContext, total_ms: float) -> None:
     if ctx.ttft_ms is not None:
         TTFT.labels(model).observe(ctx.ttft_ms / 1000)
     for a in ctx.attempts:
-        ATTEMPTS.labels(a.deployment, a.outcome).inc()
+        ATTEMPTS.labels(a.deployment, a.outcome if a.outcome in _OUTCOMES else "upstream_rejected").inc()
     if ctx.usage:
         for kind in ("prompt_tokens", "completion_tokens"):
             n = ctx.usage.get(kind)
