@@ -353,7 +353,21 @@ async def test_rail_model_calls_are_billed_to_the_request_they_guard(
             assert resp.status == 200 and (await resp.json())["allowed"] is True
         async with http.get(server.url + f"/v1/usage?group_by=model&key_id={key['id']}", headers=admin) as resp:
             usage = {row["group"]: row for row in (await resp.json())["data"]}
-    checker_calls = [r for r in fake.requests[warm_up:] if r["body"]["model"] == "up-checker"]
-    assert len(checker_calls) == 5  # input and output for two chats, and the direct check
+        checker_calls = [r for r in fake.requests[warm_up:] if r["body"]["model"] == "up-checker"]
+        assert len(checker_calls) == 5  # input and output for two chats, and the direct check
+
+        # A direct check's rail call is charged too: a second key is over a one-micro-dollar soft threshold after
+        # one check, before any chat of its own.
+        async with http.post(
+            server.url + "/v1/admin/keys",
+            json={"user_id": "bob", "budget_usd": 1, "soft_budget_usd": 0.000001},
+            headers=admin,
+        ) as resp:
+            other = await resp.json()
+        other_caller = {"Authorization": f"Bearer {other['key']}", "x-keel-app": "phones"}
+        async with http.post(server.url + "/v1/guardrails/check", json=check, headers=other_caller) as resp:
+            assert resp.status == 200
+        async with http.post(server.url + "/v1/chat/completions", json=body, headers=other_caller) as resp:
+            assert resp.status == 200 and resp.headers["x-keel-downgraded"] == "smart->cheap"
     assert usage["checker"]["requests"] == 5 and usage["checker"]["cost_usd"] > 0
     assert usage["smart"]["requests"] == 1 and usage["cheap"]["requests"] == 1

@@ -90,7 +90,10 @@ async def check(request: Request) -> Response:
         try:
             verdict = None if runner is None else await runner.run(inp, request_id=ctx.request_id)
         finally:
-            state.accounting.record(ctx)
+            state.accounting.record(ctx)  # prices them too
+            if state.accounting.charge is not None:  # no admission here: charged to the caller's budgets directly
+                for call in ctx.side_calls:
+                    await state.accounting.charge(call)
     except KeelError as exc:
         return error_response(exc)
     if verdict is None:
