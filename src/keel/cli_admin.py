@@ -8,14 +8,16 @@ import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from keel.config import KeelConfig
 from keel.errors import KeelError
-from keel.store import Database, KeyRepository, ScopeLimitsRepository, SpendRepository, default_sqlite_url
 from keel.views import key_view, limits_view
+
+if TYPE_CHECKING:
+    from keel.store import Database
 
 T = TypeVar("T")
 
@@ -36,6 +38,8 @@ def install(app: typer.Typer, loader: Loader) -> None:
 
 
 def _run(config: Path | None, work: Callable[[Database], Awaitable[T]]) -> T:
+    from keel.store import Database, default_sqlite_url
+
     assert _load is not None
     cfg = _load(config)[1]
 
@@ -87,6 +91,8 @@ def keys_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create a key. The secret is printed once and stored only as a hash."""
+    from keel.store import KeyRepository
+
     expires = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
 
     async def work(db: Database) -> tuple[Any, str]:
@@ -116,6 +122,8 @@ def keys_list(
     all_: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
     config: ConfigOpt = None,
 ) -> None:
+    from keel.store import KeyRepository
+
     rows = _run(config, lambda db: KeyRepository(db).list(user_id=user, team_id=team, include_revoked=all_))
     for k in rows:
         state = "revoked" if k.revoked_at else "active"
@@ -139,6 +147,8 @@ def keys_update(
     config: ConfigOpt = None,
 ) -> None:
     """Change the options given; the others stay as they are."""
+    from keel.store import KeyRepository
+
     changes: dict[str, Any] = {
         k: v
         for k, v in {
@@ -161,6 +171,8 @@ def keys_update(
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
+    from keel.store import KeyRepository
+
     key = _run(config, lambda db: KeyRepository(db).revoke(key_id))
     if key is None:
         typer.secho(f"no key {key_id}", fg=typer.colors.RED, err=True)
@@ -181,6 +193,8 @@ def limits_set(
     config: ConfigOpt = None,
 ) -> None:
     """Set (replace) a user's or team's limits."""
+    from keel.store import ScopeLimitsRepository
+
     row = _run(
         config,
         lambda db: ScopeLimitsRepository(db).upsert(
@@ -199,6 +213,8 @@ def limits_set(
 
 @limits_app.command("list")
 def limits_list(config: ConfigOpt = None) -> None:
+    from keel.store import ScopeLimitsRepository
+
     _show([limits_view(r) for r in _run(config, lambda db: ScopeLimitsRepository(db).list())])
 
 
@@ -208,6 +224,8 @@ def usage(
     config: ConfigOpt = None,
 ) -> None:
     """Spend and tokens per group, from the ledger."""
+    from keel.store import SpendRepository
+
     if group_by not in ("key", "user", "team", "model", "day"):
         typer.secho("--group-by must be key, user, team, model or day", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)

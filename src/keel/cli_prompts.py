@@ -19,19 +19,20 @@ from __future__ import annotations
 import getpass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from keel import cli_admin
 from keel.cli_admin import _run, _show
 from keel.errors import InvalidRequest
-from keel.prompts import PromptService, load_prompt_dir
-from keel.prompts.models import PromptExperiment, PromptLabelMove
-from keel.prompts.models import PromptVersion as VersionRow
-from keel.prompts.repository import content_of
-from keel.store import Database
 from keel.views import diff, experiment_view
+
+if TYPE_CHECKING:  # the ORM loads only for the commands that use it: `keel --help` stays quick
+    from keel.prompts import PromptService
+    from keel.prompts.models import PromptExperiment, PromptLabelMove
+    from keel.prompts.models import PromptVersion as VersionRow
+    from keel.store import Database
 
 __all__ = ["install"]
 
@@ -47,6 +48,12 @@ LabelOpt = Annotated[str, typer.Option("--label", "-l", help="The label.")]
 
 def install(app: typer.Typer) -> None:
     app.add_typer(prompts_app, name="prompts")
+
+
+def _service(db: Database, **options: Any) -> PromptService:
+    from keel.prompts import PromptService
+
+    return PromptService(db, **options)
 
 
 def _by(by: str | None) -> str:
@@ -92,6 +99,8 @@ def push(
             raise typer.Exit(1)
         directory = Path(prompts_dir)
     try:
+        from keel.prompts import load_prompt_dir
+
         files = load_prompt_dir(directory)
     except InvalidRequest as exc:
         typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
@@ -102,7 +111,7 @@ def push(
     models = [m.name for m in cli_admin._load(config)[1].models]
 
     async def work(db: Database) -> list[str]:
-        service = PromptService(db, known_models=models)
+        service = _service(db, known_models=models)
         lines = []
         for f in files:
             row, created = await service.push(f.name, f.content(), by=_by(by), message=message)
@@ -122,7 +131,7 @@ def push(
 @prompts_app.command("list")
 def list_prompts(config: ConfigOpt = None) -> None:
     """Every prompt, its latest version and its labels."""
-    rows = _run(config, lambda db: PromptService(db).repo.list())
+    rows = _run(config, lambda db: _service(db).repo.list())
     for prompt, labels in rows:
         pointers = " ".join(f"{lb}=v{v}" for lb, v in labels.items()) or "(no labels)"
         typer.echo(f"{prompt.name:<32} latest v{prompt.latest_version:<4} {pointers}")
@@ -136,13 +145,15 @@ def show(
 ) -> None:
     """Versions, labels and who moved them when; with --version, that version's content."""
     if version is not None:
-        row = _run(config, lambda db: PromptService(db).repo.get_version(name, _version(version)))
+        row = _run(config, lambda db: _service(db).repo.get_version(name, _version(version)))
         typer.echo(f"# {name}@{row.version} by {row.created_by} at {row.created_at:%Y-%m-%d %H:%M:%S} UTC")
+        from keel.prompts.repository import content_of
+
         typer.echo(content_of(row).to_yaml(), nl=False)
         return
 
     async def work(db: Database) -> tuple[list[VersionRow], dict[str, int], list[PromptLabelMove]]:
-        repo = PromptService(db).repo
+        repo = _service(db).repo
         versions = await repo.versions(name)
         labels = {lb.label: lb.version for lb in await repo.labels(name)}
         return versions, labels, await repo.history(name, limit=20)
@@ -170,7 +181,7 @@ def diff_cmd(name: str, v1: str, v2: str, config: ConfigOpt = None) -> None:
     """Unified diff of two versions."""
 
     async def work(db: Database) -> str:
-        repo = PromptService(db).repo
+        repo = _service(db).repo
         return diff(await repo.get_version(name, _version(v1)), await repo.get_version(name, _version(v2)))
 
     typer.echo(_run(config, work) or "(no differences)", nl=False)
@@ -182,7 +193,7 @@ def label_cmd(
 ) -> None:
     """Point a label at a version (`latest` for the newest)."""
     move = _run(
-        config, lambda db: PromptService(db).repo.set_label(name, label, _version(version), by=_by(by), reason=reason)
+        config, lambda db: _service(db).repo.set_label(name, label, _version(version), by=_by(by), reason=reason)
     )
     typer.echo(_move_line(move, name, label))
 
@@ -199,7 +210,7 @@ def promote(
     """Point one label at the version another points at (staging -> production)."""
 
     async def work(db: Database) -> PromptLabelMove | None:
-        repo = PromptService(db).repo
+        repo = _service(db).repo
         current = {lb.label: lb.version for lb in await repo.labels(name)}
         if source not in current:
             raise InvalidRequest(f"prompt {name!r} has no label {source!r}")
@@ -215,7 +226,7 @@ def rollback(
     name: str, label: LabelOpt = "production", reason: Reason = None, by: By = None, config: ConfigOpt = None
 ) -> None:
     """Move a label back to the version it pointed at before its last move."""
-    move = _run(config, lambda db: PromptService(db).repo.rollback(name, label, by=_by(by), reason=reason))
+    move = _run(config, lambda db: _service(db).repo.rollback(name, label, by=_by(by), reason=reason))
     typer.echo(_move_line(move, name, label))
 
 
@@ -236,7 +247,7 @@ def experiment_start(
     """Start an experiment: the label's version is the control."""
     row = _run(
         config,
-        lambda db: PromptService(db).repo.start_experiment(
+        lambda db: _service(db).repo.start_experiment(
             name,
             label,
             _version(treatment),
@@ -263,7 +274,7 @@ def experiment_stop(
     """Stop the experiment running on a label."""
 
     async def work(db: Database) -> PromptExperiment | None:
-        repo = PromptService(db).repo
+        repo = _service(db).repo
         running = [e for e in await repo.experiments(name, active=True) if e.label == label]
         if not running:
             raise InvalidRequest(f"no experiment is running on {name}@{label}")
@@ -276,7 +287,7 @@ def experiment_stop(
 
 @experiment_app.command("list")
 def experiment_list(name: str, config: ConfigOpt = None) -> None:
-    _show([experiment_view(e) for e in _run(config, lambda db: PromptService(db).repo.experiments(name))])
+    _show([experiment_view(e) for e in _run(config, lambda db: _service(db).repo.experiments(name))])
 
 
 @prompts_app.command("stats")
@@ -289,7 +300,7 @@ def stats(
     """Compare versions: requests, error rate, latency, cost, tokens and feedback, from the ledger."""
     wanted = [_version_number(v) for v in versions.split(",")] if versions else None
     since = datetime.now(UTC) - timedelta(days=days) if days else None
-    rows = _run(config, lambda db: PromptService(db).stats(name, wanted, since))
+    rows = _run(config, lambda db: _service(db).stats(name, wanted, since))
     typer.echo(
         f"{'version':>8} {'requests':>9} {'errors':>7} {'p50 ms':>9} {'p95 ms':>9} {'avg USD':>11} "
         f"{'tok in':>7} {'tok out':>7} {'up':>4} {'down':>4}"

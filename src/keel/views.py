@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import difflib
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keel.prompts.models import PromptExperiment
-from keel.prompts.models import PromptVersion as VersionRow
-from keel.prompts.repository import content_of
-from keel.store.models import ScopeLimits, VirtualKey
+if TYPE_CHECKING:  # the CLI imports this module; the ORM loads only for the commands that need it
+    from keel.prompts.models import PromptExperiment
+    from keel.prompts.models import PromptVersion as VersionRow
+    from keel.store.models import ScopeLimits, VirtualKey
 
 __all__ = ["diff", "experiment_view", "iso", "key_view", "limits_view", "usd"]
 
@@ -87,6 +87,8 @@ def experiment_view(e: PromptExperiment) -> dict[str, Any]:
 
 def diff(old: VersionRow, new: VersionRow) -> str:
     """A unified diff of two versions' readable YAML (what ``keel prompts diff`` prints)."""
+    from keel.prompts.repository import content_of
+
     return "".join(
         difflib.unified_diff(
             content_of(old).to_yaml().splitlines(keepends=True),
