@@ -3,8 +3,10 @@
 Two phases, each run in one invocation so the baseline shares the machine's noise:
 
 1. Latency: the same closed-loop load (``--concurrency`` connections, non-streaming chat) goes straight to the fake
-   upstream (the baseline) and through Keel, in alternating rounds; the figure that matters is the difference
-   between the two latency distributions. Two upstreams stand in for a model:
+   upstream (the baseline), through Keel, and through a bare TCP relay (``bench/tcp_relay.py``: the two extra hops
+   any proxy adds, with no HTTP and no pipeline, so the floor for a gateway on this machine), in alternating
+   rounds; the figure that matters is the difference between the latency distributions. Two upstreams stand in
+   for a model:
 
    - *jittered*: each answer takes ``--delay-ms`` ± ``--jitter-ms`` (uniform), as a real model's time varies, so
      the connections' requests arrive spread out;
@@ -157,6 +159,7 @@ async def main() -> None:
     args = ap.parse_args()
 
     up_port, slow_port, jitter_port, keel_port = free_port(), free_port(), free_port(), free_port()
+    relay_ports = {slow_port: free_port(), jitter_port: free_port()}
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "keel.yaml"
@@ -191,12 +194,20 @@ async def main() -> None:
             preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
         )
         procs.append(keel)
+        for target, port in relay_ports.items():  # where Keel runs, so that it pays what Keel pays
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "python"), str(ROOT / "bench" / "tcp_relay.py"), str(port), str(target)],
+                    preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
+                )
+            )
         try:
             await wait_ready(f"http://127.0.0.1:{slow_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{up_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{jitter_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{keel_port}/health")
-            await run_phases(args, {"jittered": jitter_port, "lock-step": slow_port}, keel_port, keel.pid, log_path)
+            upstreams = {"jittered": jitter_port, "lock-step": slow_port}
+            await run_phases(args, upstreams, relay_ports, keel_port, keel.pid, log_path)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -209,7 +220,12 @@ async def main() -> None:
 
 
 async def run_phases(
-    args: argparse.Namespace, upstreams: dict[str, int], keel_port: int, keel_pid: int, log_path: Path
+    args: argparse.Namespace,
+    upstreams: dict[str, int],
+    relay_ports: dict[int, int],
+    keel_port: int,
+    keel_pid: int,
+    log_path: Path,
 ) -> None:
     messages = [
         {"role": "system", "content": "You are a phone expert."},
@@ -223,32 +239,42 @@ async def run_phases(
     )
     for name, port in upstreams.items():
         direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        relay_url = f"http://127.0.0.1:{relay_ports[port]}/v1/chat/completions"
         direct_body = orjson.dumps({"model": "m", "messages": messages})
         keel_body = orjson.dumps({"model": "bench" if name == "lock-step" else name, "messages": messages})
         await load(keel_url, keel_body, 500, args.concurrency)  # warm-up: connections, caches, lazy paths
         await load(direct_url, direct_body, 500, args.concurrency)
+        await load(relay_url, direct_body, 500, args.concurrency)
         direct: list[float] = []
         via: list[float] = []
+        relayed: list[float] = []
         await asyncio.sleep(0.5)  # the request log is written in batches
         log_start = await asyncio.to_thread(os.path.getsize, log_path)
         print(f"\n{name} upstream")
         for r in range(args.rounds):
             d = await load(direct_url, direct_body, args.requests, args.concurrency)
             k = await load(keel_url, keel_body, args.requests, args.concurrency)
+            t = await load(relay_url, direct_body, args.requests, args.concurrency)
             direct += d
             via += k
-            print(f"  round {r + 1}: direct p50 {pct(d, 50):.2f} ms, via Keel p50 {pct(k, 50):.2f} ms")
+            relayed += t
+            print(
+                f"  round {r + 1}: direct p50 {pct(d, 50):.2f} ms, via Keel p50 {pct(k, 50):.2f} ms, "
+                f"via a TCP relay p50 {pct(t, 50):.2f} ms"
+            )
         print(f"  latency over {len(via)} requests each (ms)")
         print(f"{'':>12} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
-        for label, values in (("direct", direct), ("via Keel", via)):
+        for label, values in (("direct", direct), ("via Keel", via), ("via relay", relayed)):
             print(
                 f"{label:>12} {pct(values, 50):8.2f} {pct(values, 90):8.2f} {pct(values, 99):8.2f} "
                 f"{statistics.fmean(values):8.2f}"
             )
-        print(
-            f"{'added':>12} {pct(via, 50) - pct(direct, 50):8.2f} {pct(via, 90) - pct(direct, 90):8.2f} "
-            f"{pct(via, 99) - pct(direct, 99):8.2f} {statistics.fmean(via) - statistics.fmean(direct):8.2f}"
-        )
+        for label, values in (("added", via), ("relay adds", relayed)):
+            print(
+                f"{label:>12} {pct(values, 50) - pct(direct, 50):8.2f} {pct(values, 90) - pct(direct, 90):8.2f} "
+                f"{pct(values, 99) - pct(direct, 99):8.2f} {statistics.fmean(values) - statistics.fmean(direct):8.2f}"
+                + ("   (Keel)" if values is via else "   (a bare TCP relay: two extra hops, no HTTP: the floor)")
+            )
         await asyncio.sleep(0.5)
         inside = await asyncio.to_thread(keel_own_ms, log_path, log_start, "bench" if name == "lock-step" else name)
         print(
