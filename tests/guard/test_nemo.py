@@ -334,12 +334,14 @@ async def test_rail_model_calls_are_billed_to_the_request_they_guard(
     fake.script({"content": "No", "times": 100}, model="up-checker")
     admin = {"Authorization": f"Bearer {master}"}
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            server.url + "/v1/admin/keys",
-            json={"user_id": "alice", "budget_usd": 1, "soft_budget_usd": 0.006},
-            headers=admin,
-        ) as resp:
-            key = await resp.json()
+
+        async def new_key(user: str, soft_budget_usd: float) -> dict[str, str]:
+            body = {"user_id": user, "budget_usd": 1, "soft_budget_usd": soft_budget_usd}
+            async with http.post(server.url + "/v1/admin/keys", json=body, headers=admin) as resp:
+                assert resp.status == 201
+                return dict(await resp.json())
+
+        key = await new_key("alice", 0.006)
         caller = {"Authorization": f"Bearer {key['key']}", "x-keel-app": "phones"}
         body = {"model": "smart", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
         async with http.post(server.url + "/v1/chat/completions", json=body, headers=caller) as resp:
@@ -358,12 +360,7 @@ async def test_rail_model_calls_are_billed_to_the_request_they_guard(
 
         # A direct check's rail call is charged too: a second key is over a one-micro-dollar soft threshold after
         # one check, before any chat of its own.
-        async with http.post(
-            server.url + "/v1/admin/keys",
-            json={"user_id": "bob", "budget_usd": 1, "soft_budget_usd": 0.000001},
-            headers=admin,
-        ) as resp:
-            other = await resp.json()
+        other = await new_key("bob", 0.000001)
         other_caller = {"Authorization": f"Bearer {other['key']}", "x-keel-app": "phones"}
         async with http.post(server.url + "/v1/guardrails/check", json=check, headers=other_caller) as resp:
             assert resp.status == 200

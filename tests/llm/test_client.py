@@ -22,7 +22,8 @@ from keel.errors import ProviderError, UpstreamError
 from keel.llm.client import ConnectionLost, UpstreamClient
 from keel.llm.http import read_json, upstream_request
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+Writer = asyncio.StreamWriter
+Handler = Callable[["RawServer", asyncio.StreamReader, Writer, int], Awaitable[None]]
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -34,17 +35,18 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any
 
 
 class RawServer:
-    """A loopback server whose ``handler(reader, writer, n)`` scripts each connection (``n``: its index)."""
+    """A loopback server whose ``handler(server, reader, writer, n)`` scripts each connection (``n``: its index)."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, ssl: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.ssl = ssl
         self.connections = 0
         self.requests: list[bytes] = []
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -60,7 +62,7 @@ class RawServer:
         n = self.connections
         self.connections += 1
         try:
-            await self.handler(reader, writer, n)
+            await self.handler(self, reader, writer, n)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -85,10 +87,23 @@ def answer(body: bytes, *headers: str) -> bytes:
     return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
 
 
-def keep_answering(server_box: list[RawServer], response: bytes) -> Handler:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while await server_box[0].read_request(reader) is not None:
+def keep_answering(response: bytes) -> Handler:
+    """Answer every request on the connection with ``response``."""
+
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while await server.read_request(reader) is not None:
             writer.write(response)
+
+    return handler
+
+
+def answer_once(response: bytes) -> Handler:
+    """Read one request, write ``response`` and close the connection."""
+
+    async def handler(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await server.read_request(reader)
+        writer.write(response)
+        await writer.drain()
 
     return handler
 
@@ -101,19 +116,12 @@ async def fetch(client: UpstreamClient, url: str, body: bytes = b"{}") -> tuple[
         resp.release()
 
 
-def serve(handler_of: Callable[[list[RawServer]], Handler]) -> RawServer:
-    box: list[RawServer] = []
-    server = RawServer(lambda r, w, n: handler_of(box)(r, w, n))
-    box.append(server)
-    return server
-
-
 # -- keep-alive and framing -------------------------------------------------------------------------------------
 
 
 def test_keep_alive_reuses_one_connection_and_sends_a_well_formed_request(run: Any) -> None:
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, answer(b'{"ok": true}'))) as server:
+        async with RawServer(keep_answering(answer(b'{"ok": true}'))) as server:
             client = UpstreamClient()
             for i in range(5):
                 status, headers, body = await fetch(client, server.url + "?x=1", b'{"n": %d}' % i)
@@ -135,20 +143,13 @@ def test_chunked_and_until_close_bodies(run: Any) -> None:
     until_close = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end"
 
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, chunked)) as server:
+        async with RawServer(keep_answering(chunked)) as server:
             client = UpstreamClient()
             assert (await fetch(client, server.url))[2] == b"hello world"
             assert (await fetch(client, server.url))[2] == b"hello world"
             assert server.connections == 1
 
-        async def close_after(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            await box[0].read_request(reader)
-            writer.write(until_close)
-            await writer.drain()
-
-        box: list[RawServer] = []
-        async with RawServer(close_after) as server:
-            box.append(server)
+        async with RawServer(answer_once(until_close)) as server:
             assert (await fetch(client, server.url))[2] == b"to the end"
             assert (await fetch(client, server.url))[2] == b"to the end"
             assert server.connections == 2  # a body that ends with its connection leaves nothing to reuse
@@ -161,7 +162,7 @@ def test_connection_close_is_not_pooled_and_interim_answers_are_skipped(run: Any
     interim = b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"done", "Connection: close")
 
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, interim)) as server:
+        async with RawServer(keep_answering(interim)) as server:
             client = UpstreamClient()
             for _ in range(2):
                 status, headers, body = await fetch(client, server.url)
@@ -184,7 +185,7 @@ def test_encoded_bodies_are_decoded(run: Any, encoding: str, encode: Callable[[b
     text = b'{"choices": []}' * 200
 
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, answer(encode(text), f"Content-Encoding: {encoding}"))) as s:
+        async with RawServer(keep_answering(answer(encode(text), f"Content-Encoding: {encoding}"))) as s:
             client = UpstreamClient()
             assert (await fetch(client, s.url))[2] == text
             assert (await fetch(client, s.url))[2] == text
@@ -195,7 +196,7 @@ def test_encoded_bodies_are_decoded(run: Any, encoding: str, encode: Callable[[b
 
 def test_an_encoding_it_cannot_decode_is_an_error(run: Any) -> None:
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, answer(b"xx", "Content-Encoding: br"))) as server:
+        async with RawServer(keep_answering(answer(b"xx", "Content-Encoding: br"))) as server:
             client = UpstreamClient()
             with pytest.raises(ConnectionError, match="'br'"):
                 await fetch(client, server.url)
@@ -212,20 +213,18 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_new_one(run: Any) -> Non
     nothing came back, so the request goes out again on a new connection."""
 
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            await box[0].read_request(reader)
+        async def handler(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            await srv.read_request(reader)
             writer.write(answer(b"first" if n == 0 else b"again"))
             await writer.drain()
             if n == 0:
-                await box[0].read_request(reader)  # then hang up without a word
+                await srv.read_request(reader)  # then hang up without a word
 
             else:
-                while await box[0].read_request(reader) is not None:
+                while await srv.read_request(reader) is not None:
                     writer.write(answer(b"again"))
 
-        box: list[RawServer] = []
         async with RawServer(handler) as server:
-            box.append(server)
             client = UpstreamClient()
             assert (await fetch(client, server.url))[2] == b"first"
             assert (await fetch(client, server.url))[2] == b"again"
@@ -237,12 +236,10 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_new_one(run: Any) -> Non
 
 def test_a_new_connection_closed_without_an_answer_is_an_error(run: Any) -> None:
     async def main() -> None:
-        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            await box[0].read_request(reader)
+        async def hang_up(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            await srv.read_request(reader)
 
-        box: list[RawServer] = []
         async with RawServer(hang_up) as server:
-            box.append(server)
             client = UpstreamClient()
             with pytest.raises(ConnectionError):
                 await fetch(client, server.url)
@@ -256,14 +253,7 @@ def test_a_body_cut_short_raises_and_maps_to_an_upstream_error(run: Any) -> None
     cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"choices": [' + b" " * 20
 
     async def main() -> None:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            await box[0].read_request(reader)
-            writer.write(cut)
-            await writer.drain()
-
-        box: list[RawServer] = []
-        async with RawServer(handler) as server:
-            box.append(server)
+        async with RawServer(answer_once(cut)) as server:
             client = UpstreamClient()
             with pytest.raises(ConnectionLost):
                 await fetch(client, server.url)
@@ -280,7 +270,7 @@ def test_a_body_cut_short_raises_and_maps_to_an_upstream_error(run: Any) -> None
 
 def test_a_malformed_response_is_a_parser_error(run: Any) -> None:
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, b"SMTP ready\r\n\r\n")) as server:
+        async with RawServer(keep_answering(b"SMTP ready\r\n\r\n")) as server:
             client = UpstreamClient()
             with pytest.raises(HttpParserError):
                 await fetch(client, server.url)
@@ -313,7 +303,7 @@ def test_redirects_are_reported_not_followed(run: Any) -> None:
     moved = b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://elsewhere.example/v1\r\nContent-Length: 0\r\n\r\n"
 
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, moved)) as server:
+        async with RawServer(keep_answering(moved)) as server:
             client = UpstreamClient()
             with pytest.raises(ProviderError, match=re.escape("redirecting to https://elsewhere.example/v1")) as exc:
                 async with upstream_request(
@@ -334,8 +324,8 @@ def test_cancelling_a_stream_closes_its_connection(run: Any) -> None:
     async def main() -> None:
         upstream_saw_close = asyncio.Event()
 
-        async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            await box[0].read_request(reader)
+        async def slow_stream(srv: RawServer, reader: asyncio.StreamReader, writer: Writer, n: int) -> None:
+            await srv.read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             for _ in range(100):
                 writer.write(b"6\r\ndata: \r\n")
@@ -345,9 +335,7 @@ def test_cancelling_a_stream_closes_its_connection(run: Any) -> None:
                     upstream_saw_close.set()
                     return
 
-        box: list[RawServer] = []
         async with RawServer(slow_stream) as server:
-            box.append(server)
             client = UpstreamClient()
             got_one = asyncio.Event()
 
@@ -383,7 +371,7 @@ def test_a_slow_consumer_pauses_reading(run: Any) -> None:
     body = bytes(range(256)) * (4 * 4096)
 
     async def main() -> None:
-        async with serve(lambda box: keep_answering(box, answer(body))) as server:
+        async with RawServer(keep_answering(answer(body))) as server:
             client = UpstreamClient()
             resp = await client.request("POST", server.url, headers={}, body=b"{}")
             await asyncio.sleep(0.3)
@@ -400,18 +388,16 @@ def test_requests_past_the_limit_wait_for_a_slot(run: Any) -> None:
     async def main() -> None:
         open_now = peak = 0
 
-        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        async def slow(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
             nonlocal open_now, peak
-            while await box[0].read_request(reader) is not None:
+            while await srv.read_request(reader) is not None:
                 open_now += 1
                 peak = max(peak, open_now)
                 await asyncio.sleep(0.05)
                 open_now -= 1
                 writer.write(answer(b"ok"))
 
-        box: list[RawServer] = []
         async with RawServer(slow) as server:
-            box.append(server)
             client = UpstreamClient(limit=2)
             results = await asyncio.gather(*(fetch(client, server.url) for _ in range(6)))
             assert [r[2] for r in results] == [b"ok"] * 6
@@ -446,12 +432,9 @@ def test_tls_with_sni_and_verification(run: Any, certificate: tuple[Path, Path])
     server_ctx.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,func-returns-value]
 
     async def main() -> None:
-        box: list[RawServer] = []
-        handler = keep_answering(box, answer(b'{"secure": true}'))
-        server = await asyncio.start_server(lambda r, w: handler(r, w, 0), "127.0.0.1", 0, ssl=server_ctx)
-        box.append(RawServer(handler))
-        port = server.sockets[0].getsockname()[1]
-        url = f"https://localhost:{port}/v1/chat"
+        server = RawServer(keep_answering(answer(b'{"secure": true}')), ssl=server_ctx)
+        await server.__aenter__()
+        url = f"https://localhost:{server.port}/v1/chat"
         trusting = UpstreamClient(ssl_context=ssl.create_default_context(cafile=str(cert)))
         for _ in range(2):
             assert await fetch(trusting, url) == (200, {"content-length": "16"}, b'{"secure": true}')
@@ -464,7 +447,7 @@ def test_tls_with_sni_and_verification(run: Any, certificate: tuple[Path, Path])
                 pass
         await trusting.aclose()
         await system_store.aclose()
-        server.close()
+        await server.__aexit__()
 
     run(main())
 
@@ -474,14 +457,12 @@ def test_connections_idle_past_keepalive_are_closed(run: Any) -> None:
     them (oldest first) instead of keeping them open for ever."""
 
     async def main() -> None:
-        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-            while await box[0].read_request(reader) is not None:
+        async def slow(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            while await srv.read_request(reader) is not None:
                 await asyncio.sleep(0.05)
                 writer.write(answer(b"ok"))
 
-        box: list[RawServer] = []
         async with RawServer(slow) as server:
-            box.append(server)
             client = UpstreamClient(keepalive_s=0.2)
             await asyncio.gather(*(fetch(client, server.url) for _ in range(3)))
             assert client.idle_connections() == 3
