@@ -20,22 +20,28 @@ import orjson
 
 from keel.config import LoggingConfig
 
-__all__ = ["JsonFormatter", "request_logger", "setup_logging"]
+__all__ = ["JsonFormatter", "log_request", "request_logger", "setup_logging"]
 
 request_logger = logging.getLogger("keel.request")
 
 
+def _json_line(created: float, level: str, logger: str, msg: str, fields: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int((created % 1) * 1000):03d}Z",
+        "level": level,
+        "logger": logger,
+        "msg": msg,
+    }
+    if isinstance(fields, dict):
+        out.update(fields)
+    return out
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
+        out = _json_line(
+            record.created, record.levelname.lower(), record.name, record.getMessage(), getattr(record, "fields", None)
+        )
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
@@ -74,6 +80,9 @@ class BufferedHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.append(line)
+
+    def append(self, line: str) -> None:
         self._lines.append(line)  # list.append is atomic under the GIL
         if len(self._lines) >= MAX_BUFFERED:
             self._wake.set()
@@ -102,14 +111,31 @@ class BufferedHandler(logging.Handler):
 
 
 _handler: BufferedHandler | None = None
+_json = False  # the handler formats JSON lines
+_keel_logger = logging.getLogger("keel")
+
+
+def log_request(fields: dict[str, Any]) -> None:
+    """The per-request line. In the usual case (JSON lines to Keel's own handler, no other handler on the request
+    logger) it is formatted straight into the handler's buffer, the same line the formatter would write: the
+    logging module's record machinery costs about 15 µs a request warm, and 0.15 ms on the cold path after an
+    idle wait. Otherwise it goes through the logger, so handlers added to ``keel.request`` see every request."""
+    handler = _handler
+    if handler is not None and _json and not request_logger.handlers and _keel_logger.handlers == [handler]:
+        handler.append(
+            orjson.dumps(_json_line(time.time(), "info", "keel.request", "request", fields), default=str).decode()
+        )
+    else:
+        request_logger.info("request", extra={"fields": fields})
 
 
 def setup_logging(cfg: LoggingConfig) -> None:
     """Send the ``keel`` loggers' records to stderr through a :class:`BufferedHandler`; idempotent."""
-    global _handler
+    global _handler, _json
     if _handler is not None:
         _handler.close()
     _handler = BufferedHandler(sys.stderr)
+    _json = cfg.format == "json"
     _handler.setFormatter(JsonFormatter() if cfg.format == "json" else ConsoleFormatter())
     root = logging.getLogger("keel")
     root.handlers[:] = [_handler]

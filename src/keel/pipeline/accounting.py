@@ -13,7 +13,7 @@ from typing import Any
 
 from keel.context import RequestContext
 from keel.llm.pricing import PriceBook, cost_micros
-from keel.observe.logs import request_logger
+from keel.observe.logs import log_request, request_logger
 from keel.observe.metrics import observe_request
 from keel.store.writer import BatchWriter
 
@@ -119,4 +119,4 @@ def record_request(ctx: RequestContext) -> None:
     }
     if ctx.timings:
         fields["stages_ms"] = {k: round(v, 3) for k, v in ctx.timings.items()}
-    request_logger.info("request", extra={"fields": fields})
+    log_request(fields)
