@@ -352,8 +352,8 @@ class UpstreamClient:
             for _attempt in range(2):
                 conn, reused = await self._connection(origin, connect_timeout)
                 response = Response(conn, self._slots.release)
-                conn.send(response, head, body)
                 try:
+                    conn.send(response, head, body)
                     await response.head()
                 except BaseException as exc:
                     conn.done(reusable=False)
