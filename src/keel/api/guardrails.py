@@ -85,8 +85,8 @@ async def check(request: Request) -> Response:
             embed=state.embedder.embed,
         )
         # Model calls a rail makes (NeMo) are billed to the caller: ledger rows and log lines of their own.
-        inp.request = ctx = RequestContext(request_id=request.scope["state"]["request_id"], route="guardrails.check")
-        ctx.principal = principal
+        request_id = request.scope["state"]["request_id"]
+        inp.request = ctx = RequestContext(request_id=request_id, route="guardrails.check", principal=principal)
         try:
             verdict = None if runner is None else await runner.run(inp, request_id=ctx.request_id)
         finally:

@@ -26,7 +26,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,20 +74,12 @@ class _Connection(asyncio.Protocol):
         elif self in self._pool:
             self._pool.remove(self)
 
-    def pause_writing(self) -> None:
-        """Request bodies are written in one go; the transport buffers what the socket does not take."""
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- used by the pool ----------------------------------------------------------------------------------------
 
     def send(self, response: Response, head: bytes, body: bytes) -> None:
         self._response = response
         assert self.transport is not None
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        self.transport.writelines((head, body))  # one send; the transport buffers what the socket does not take
 
     def done(self, reusable: bool) -> None:
         """The response is finished with; back to the idle list when ``reusable``, closed otherwise."""
@@ -117,7 +109,7 @@ class Response:
     ``", "``), and the body through :meth:`read` or :meth:`iter_chunks`. Call :meth:`release` when done (the
     pool's context manager does)."""
 
-    def __init__(self, conn: _Connection, release_slot: Any) -> None:
+    def __init__(self, conn: _Connection, release_slot: Callable[[], None]) -> None:
         self._conn = conn
         self._release_slot = release_slot
         self._parser = httptools.HttpResponseParser(self)
