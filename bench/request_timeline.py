@@ -4,11 +4,11 @@
 (answering in exactly ``--delay-ms``) and a ``keel serve`` whose hot path is wrapped with timestamps, sends the same
 load straight to the fake and through Keel, and prints Keel's added p50 and, per step, p50/p90/p99 in ms:
 
-- ``parsed -> app``: uvicorn has the whole request; Keel's app starts on it (the event loop's queue);
+- ``parsed -> app``: the protocol has the whole request; the hot route's task starts on it (the loop's queue);
 - ``app -> upstream write``: auth, reading and validating the body, the pipeline, building the upstream request;
 - ``upstream head -> body``, ``body -> finish``: reading and pricing the answer;
 - ``finish``: settlement, ledger row, log line and metrics (``record_request``: log line and metrics);
-- ``finish -> write``, ``write -> flush``: the response, and the coalesced write reaching the socket.
+- ``finish -> write``, ``write -> flush``: building the response, and writing its head and body to the socket.
 
 The wrapping patches Keel's internals (``keel.llm.client``, ``keel.api.protocol``, ``RequestContext.finish``):
 a development tool that follows the code, not a stable interface.
@@ -47,7 +47,7 @@ def serve_instrumented(argv: list[str], out: Path) -> None:
     from uvicorn.protocols.http import httptools_impl
 
     from keel.api import context as api_context
-    from keel.api import fastpath, protocol
+    from keel.api import protocol
     from keel.cli import app
     from keel.context import RequestContext
     from keel.llm import client, http, openai
@@ -94,17 +94,17 @@ def serve_instrumented(argv: list[str], out: Path) -> None:
         on_message_complete(self)
 
     httptools_impl.HttpToolsProtocol.on_message_complete = parsed  # type: ignore[method-assign]
-    serve = fastpath.FastPathApp.__call__
+    serve = protocol.HotCycle.run_asgi
 
-    async def timed(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
-            return await serve(self, scope, receive, send)
-        d = {"parsed": scope.get("_t_parsed", 0), "app": now()}
+    async def timed(self: Any, app: Any) -> None:
+        if self.scope["path"] != "/v1/chat/completions":
+            return await serve(self, app)
+        d = {"parsed": self.scope.get("_t_parsed", 0), "app": now()}
         stamps.set(d)
-        await serve(self, scope, receive, send)
+        await serve(self, app)
         rows.append(d)
 
-    fastpath.FastPathApp.__call__ = timed  # type: ignore[method-assign]
+    protocol.HotCycle.run_asgi = timed  # type: ignore[method-assign]
     wrap(client._Connection, "send", before="up_send")
     wrap(client.Response, "head", after="up_head")
     wrap(http, "read_json", after="body")
@@ -112,8 +112,8 @@ def serve_instrumented(argv: list[str], out: Path) -> None:
     wrap(RequestContext, "finish", before="fin0", after="fin1")
     wrap(accounting, "record_request", before="rr0", after="rr1")
     api_context.record_request = accounting.record_request  # type: ignore[attr-defined]
-    wrap(protocol.CoalescingTransport, "write", before="write")
-    wrap(protocol.CoalescingTransport, "flush", before="flush")
+    wrap(protocol.HotCycle, "_write", before="write")
+    wrap(protocol.CoalescingTransport, "write_now", before="flush")
 
     def dump(signum: int, frame: Any) -> None:
         lines = [f"requests: {len(rows)}"]

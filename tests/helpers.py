@@ -17,9 +17,9 @@ from keel.config import KeelConfig
 
 class KeelServer:
     """A real Keel (uvicorn + the app) on a free loopback port, in a thread with its own event loop: uvloop, as
-    ``keel serve`` runs it."""
+    ``keel serve`` runs it. ``http``: uvicorn's protocol (``"httptools"``: any ASGI server's path, no hot routes)."""
 
-    def __init__(self, config: KeelConfig) -> None:
+    def __init__(self, config: KeelConfig, http: Any = KeelHttpProtocol) -> None:
         self.config = config
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -28,7 +28,7 @@ class KeelServer:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.app = create_app(config)
         self._server = uvicorn.Server(
-            uvicorn.Config(self.app, loop="uvloop", http=KeelHttpProtocol, log_level="warning", access_log=False)
+            uvicorn.Config(self.app, loop="uvloop", http=http, log_level="warning", access_log=False)
         )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
 

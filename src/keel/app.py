@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from keel.api import admin, guardrails, health, openai, prompts, sessions
-from keel.api.fastpath import FastPathApp
 from keel.api.http import RequestIdMiddleware, error_response, internal_error
 from keel.api.state import AppState
 from keel.config import KeelConfig, load_config
@@ -159,8 +158,11 @@ def create_app(config: KeelConfig) -> FastAPI:
             await db.dispose()
             shutdown_logging()
 
-    app = FastPathApp(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.set_hot_routes([*openai.HOT_ROUTES, *guardrails.HOT_ROUTES])
+    app = FastAPI(title="Keel", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # The routes every model call takes, which keel.api.protocol serves without ASGI under `keel serve`.
+    app.state.hot_routes = {
+        (b"POST", path.encode()): handler for path, handler in {**openai.HOT_ROUTES, **guardrails.HOT_ROUTES}.items()
+    }
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(admin.router)

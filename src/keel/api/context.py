@@ -3,12 +3,13 @@ one, the ``x-keel-*`` headers it yields, and ending it (priced result, error, cl
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from keel.api.http import error_response
+from keel.api.incoming import Incoming
 from keel.api.state import AppState
 from keel.context import RequestContext
 from keel.errors import KeelError
@@ -17,20 +18,21 @@ from keel.pipeline.accounting import cost_header, record_request
 __all__ = ["SSE_HEADERS", "closed", "fail", "keel_headers", "new_context", "price_result"]
 
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
 
 
-def new_context(request: Request, route: str, state: AppState) -> RequestContext:
+def new_context(request: Incoming, route: str) -> RequestContext:
     """A context whose completion records the ledger row, the log line and the metrics."""
-    ctx = RequestContext(
-        request_id=request.scope["state"]["request_id"], route=route, authorization=request.headers.get("authorization")
-    )
+    ctx = RequestContext(request_id=request.request_id, route=route, authorization=request.header("authorization"))
     ctx.defer(record_request)
-    ctx.defer(state.accounting.record)
+    ctx.defer(request.state.accounting.record)
     return ctx
 
 
 def keel_headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-keel-model": ctx.public_model or "", **ctx.response_headers}
+    # The model is the client's string until the router has accepted it: echoed only when a header can carry it.
+    model = ctx.public_model or ""
+    headers = {"x-keel-model": model if _PRINTABLE.fullmatch(model) else "", **ctx.response_headers}
     if ctx.deployment:
         headers["x-keel-cost-usd"] = cost_header(ctx)
     if ctx.deployment:

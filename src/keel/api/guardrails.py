@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from keel.api.guarded import app_guards
-from keel.api.http import error_response, json_response, read_json
+from keel.api.http import error_response, json_response
+from keel.api.incoming import AsgiIncoming, Handler, Incoming
 from keel.api.schemas import validate
 from keel.api.state import AppState
 from keel.context import RequestContext
@@ -60,6 +61,7 @@ def _app_name(state: AppState, name: str | None) -> str:
 
 @router.post(
     "/v1/guardrails/check",
+    name="check",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -67,11 +69,15 @@ def _app_name(state: AppState, name: str | None) -> str:
         }
     },
 )
-async def check(request: Request) -> Response:
-    state: AppState = request.app.state.keel
+async def check_route(request: Request) -> Response:
+    return await check(AsgiIncoming(request))
+
+
+async def check(request: Incoming) -> Response:
+    state = request.state
     try:
-        principal = await state.auth.principal(request.headers.get("authorization"))
-        body = validate(CheckIn, await read_json(request, state.config.server.max_body_bytes))
+        principal = await state.auth.principal(request.header("authorization"))
+        body = validate(CheckIn, await request.json())
         app = _app_name(state, body.app)
         guards = app_guards(state, app)
         runner = None if guards is None else (guards.input if body.direction == "input" else guards.output)
@@ -85,8 +91,7 @@ async def check(request: Request) -> Response:
             embed=state.embedder.embed,
         )
         # Model calls a rail makes (NeMo) are billed to the caller: ledger rows and log lines of their own.
-        request_id = request.scope["state"]["request_id"]
-        inp.request = ctx = RequestContext(request_id=request_id, route="guardrails.check", principal=principal)
+        inp.request = ctx = RequestContext(request_id=request.request_id, route="guardrails.check", principal=principal)
         try:
             verdict = None if runner is None else await runner.run(inp, request_id=ctx.request_id)
         finally:
@@ -110,4 +115,4 @@ async def check(request: Request) -> Response:
     return json_response({"app": app, "direction": body.direction, **result})
 
 
-HOT_ROUTES = (("/v1/guardrails/check", check, ["POST"]),)  # benchmarks call it in loops: skip FastAPI's overhead
+HOT_ROUTES: dict[str, Handler] = {"/v1/guardrails/check": check}  # see keel.api.protocol

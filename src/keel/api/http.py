@@ -24,7 +24,9 @@ __all__ = [
     "error_response",
     "internal_error",
     "json_response",
+    "parse_json",
     "read_json",
+    "too_large",
     "until_disconnect",
 ]
 
@@ -52,15 +54,19 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """The body parsed as JSON; 413 past ``max_bytes`` (checked while reading, not after), 400 when malformed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+        raise too_large(max_bytes)
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return parse_json(b"".join(chunks))
+
+
+def parse_json(raw: bytes) -> Any:
+    """A whole request body parsed as JSON; 400 when empty or malformed."""
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -76,7 +82,7 @@ def internal_error(request_id: str) -> Response:
     return error_response(KeelError(f"Internal error; the request id {request_id} identifies it in the server logs."))
 
 
-def _too_large(max_bytes: int) -> InvalidRequest:
+def too_large(max_bytes: int) -> InvalidRequest:
     return InvalidRequest(
         f"The request body is larger than {max_bytes} bytes (server.max_body_bytes).",
         code="request_too_large",

@@ -15,7 +15,8 @@ from starlette.responses import Response, StreamingResponse
 
 from keel.api.context import SSE_HEADERS, closed, fail, keel_headers, new_context, price_result
 from keel.api.guarded import app_guards, check_messages, guard_answer, request_scope
-from keel.api.http import ClientClosed, error_response, json_response, read_json, until_disconnect
+from keel.api.http import ClientClosed, error_response, json_response
+from keel.api.incoming import AsgiIncoming, Handler, Incoming
 from keel.api.schemas import ChatCompletionRequest, EmbeddingRequest, validate
 from keel.api.state import AppState
 from keel.api.streaming import sse_events
@@ -29,6 +30,7 @@ router = APIRouter()
 
 @router.post(
     "/v1/chat/completions",
+    name="chat_completions",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -36,21 +38,25 @@ router = APIRouter()
         }
     },
 )
-async def chat_completions(request: Request) -> Response:
-    state: AppState = request.app.state.keel
-    ctx = new_context(request, "openai.chat", state)
+async def chat_completions_route(request: Request) -> Response:
+    return await chat_completions(AsgiIncoming(request))
+
+
+async def chat_completions(request: Incoming) -> Response:
+    state = request.state
+    ctx = new_context(request, "openai.chat")
     try:
         ctx.principal = await state.auth.principal(ctx.authorization)
-        body = await read_json(request, state.config.server.max_body_bytes)
+        body = await request.json()
         req = validate(ChatCompletionRequest, body)
         ctx.body, ctx.public_model, ctx.stream = body, req.model, bool(req.stream)
-        app = request.headers.get("x-keel-app") if state.guards else None  # no guardrails anywhere: no work
+        app = request.header("x-keel-app") if state.guards else None  # no guardrails anywhere: no work
         guards = app_guards(state, app) if app else None
         if guards is not None and guards.input is not None:
             await check_messages(guards, ctx, state.embedder.embed)
-        result = await until_disconnect(request, state.pipeline.chat(ctx))
+        result = await request.until_disconnect(state.pipeline.chat(ctx))
         if guards is not None and guards.output is not None:
-            result = await until_disconnect(request, guard_answer(state, guards, ctx, result, request_scope(ctx.body)))
+            result = await request.until_disconnect(guard_answer(state, guards, ctx, result, request_scope(ctx.body)))
     except KeelError as exc:
         return await fail(ctx, exc)
     except ClientClosed:
@@ -69,6 +75,7 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post(
     "/v1/embeddings",
+    name="embeddings",
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -76,15 +83,19 @@ async def chat_completions(request: Request) -> Response:
         }
     },
 )
-async def embeddings(request: Request) -> Response:
-    state: AppState = request.app.state.keel
-    ctx = new_context(request, "openai.embeddings", state)
+async def embeddings_route(request: Request) -> Response:
+    return await embeddings(AsgiIncoming(request))
+
+
+async def embeddings(request: Incoming) -> Response:
+    state = request.state
+    ctx = new_context(request, "openai.embeddings")
     try:
         ctx.principal = await state.auth.principal(ctx.authorization)
-        body = await read_json(request, state.config.server.max_body_bytes)
+        body = await request.json()
         req = validate(EmbeddingRequest, body)
         ctx.body, ctx.public_model = body, req.model
-        result = await until_disconnect(request, state.pipeline.embed(ctx))
+        result = await request.until_disconnect(state.pipeline.embed(ctx))
     except KeelError as exc:
         return await fail(ctx, exc)
     except ClientClosed:
@@ -122,5 +133,5 @@ async def get_model(request: Request, name: str) -> Response:
     return json_response(_model_card(name, state.started))
 
 
-# Dispatched by keel.api.fastpath ahead of the middleware stack; the FastAPI routes above document them.
-HOT_ROUTES = (("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/embeddings", embeddings, ["POST"]))
+# POST routes that keel.api.protocol serves without ASGI; the FastAPI routes above serve them on other servers.
+HOT_ROUTES: dict[str, Handler] = {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings}

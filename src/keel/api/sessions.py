@@ -56,6 +56,7 @@ from starlette.types import Receive, Scope, Send
 from keel.api.context import SSE_HEADERS, closed, fail, keel_headers, new_context, price_result
 from keel.api.guarded import OutputScope, check_input, guard_answer
 from keel.api.http import ClientClosed, error_response, json_response, read_json, until_disconnect
+from keel.api.incoming import AsgiIncoming
 from keel.api.schemas import StreamOptions, validate
 from keel.api.state import AppState
 from keel.api.streaming import DONE, sse_events
@@ -266,7 +267,7 @@ async def pin_message(request: Request, session_id: str, seq: int) -> Response:
 @router.post("/v1/sessions/{session_id}/messages")
 async def send_message(request: Request, session_id: str) -> Response:
     state: AppState = request.app.state.keel
-    ctx = new_context(request, "app.chat", state)
+    ctx = new_context(AsgiIncoming(request), "app.chat")
     ctx.session_id = session_id
     turn: Turn | None = None
     try:
