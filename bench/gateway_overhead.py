@@ -9,7 +9,11 @@ Two phases, each run in one invocation so the baseline shares the machine's nois
    for a model:
 
    - *jittered*: each answer takes ``--delay-ms`` ± ``--jitter-ms`` (uniform), as a real model's time varies, so
-     the connections' requests arrive spread out;
+     the connections' requests arrive spread out. The bench draws the delays itself and sends each in the request
+     (``metadata.fake_delay_s``, which Keel passes on), the same sequence to every target of a round: the targets'
+     latencies then differ by what the path adds, not by which delays each happened to get. (With delays drawn by
+     the fake, the median of 3,000 uniform ± 25 ms delays varies by about ± 0.5 ms from one sample to the next,
+     as much as what was being measured.)
    - *lock-step*: each answer takes exactly ``--delay-ms``. Closed-loop clients of a fixed-delay upstream fall into
      step, so all ``--concurrency`` requests reach Keel within a fraction of a millisecond of each other and the
      last one waits for Keel to handle the other fifteen: a worst case that measures queueing on one event loop
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import socket
 import statistics
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -84,18 +90,17 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def load(url: str, body: bytes, total: int, concurrency: int) -> list[float]:
-    """Closed loop: ``concurrency`` workers each send a request as soon as their previous one finishes."""
+async def load(url: str, bodies: Sequence[bytes], concurrency: int) -> list[float]:
+    """Closed loop: ``concurrency`` workers each send the next of ``bodies`` as soon as their previous request
+    finishes."""
     latencies: list[float] = []
-    remaining = total
+    queue = iter(bodies)
     connector = aiohttp.TCPConnector(limit=concurrency)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector) as s:
 
         async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
+            for body in queue:
                 t0 = time.perf_counter()
                 async with s.post(url, data=body, headers=headers) as r:
                     await r.read()
@@ -158,8 +163,7 @@ async def main() -> None:
     )
     args = ap.parse_args()
 
-    up_port, slow_port, jitter_port, keel_port = free_port(), free_port(), free_port(), free_port()
-    relay_ports = {slow_port: free_port(), jitter_port: free_port()}
+    up_port, slow_port, keel_port, relay_port = free_port(), free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "keel.yaml"
@@ -168,7 +172,6 @@ async def main() -> None:
             "server: {upstream_connections: 256}\n"
             "models:\n"
             f"  - {{name: bench, model: m, api_base: 'http://127.0.0.1:{slow_port}/v1', api_key: k}}\n"
-            f"  - {{name: jittered, model: m, api_base: 'http://127.0.0.1:{jitter_port}/v1', api_key: k}}\n"
             f"  - {{name: fast, model: m, api_base: 'http://127.0.0.1:{up_port}/v1', api_key: k}}\n"
         )
         log_path = Path(tmp) / "keel.log"  # the request log: what Keel itself measured, per request
@@ -182,10 +185,6 @@ async def main() -> None:
             os.sched_setaffinity(0, set(cpus[:-1]))  # this process, and the fakes it starts next
         fake = [str(BIN / "python"), "-m", "keel.testing.fake_upstream", "--no-record"]
         procs.append(subprocess.Popen([*fake, "--port", str(slow_port), "--delay-s", str(args.delay_ms / 1000)]))
-        jitter = ["--delay-jitter-s", str(args.jitter_ms / 1000), "--seed", "1"]
-        procs.append(
-            subprocess.Popen([*fake, "--port", str(jitter_port), "--delay-s", str(args.delay_ms / 1000), *jitter])
-        )
         procs.append(subprocess.Popen([*fake, "--port", str(up_port)]))
         keel = subprocess.Popen(
             [str(BIN / "keel"), "serve", "--config", str(cfg), "--port", str(keel_port)],
@@ -194,20 +193,17 @@ async def main() -> None:
             preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
         )
         procs.append(keel)
-        for target, port in relay_ports.items():  # where Keel runs, so that it pays what Keel pays
-            procs.append(
-                subprocess.Popen(
-                    [str(BIN / "python"), str(ROOT / "bench" / "tcp_relay.py"), str(port), str(target)],
-                    preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
-                )
+        procs.append(  # where Keel runs, so that it pays what Keel pays
+            subprocess.Popen(
+                [str(BIN / "python"), str(ROOT / "bench" / "tcp_relay.py"), str(relay_port), str(slow_port)],
+                preexec_fn=None if keel_cpus is None else lambda: os.sched_setaffinity(0, keel_cpus),
             )
+        )
         try:
             await wait_ready(f"http://127.0.0.1:{slow_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{up_port}/v1/models")
-            await wait_ready(f"http://127.0.0.1:{jitter_port}/v1/models")
             await wait_ready(f"http://127.0.0.1:{keel_port}/health")
-            upstreams = {"jittered": jitter_port, "lock-step": slow_port}
-            await run_phases(args, upstreams, relay_ports, keel_port, keel.pid, log_path)
+            await run_phases(args, slow_port, relay_port, keel_port, keel.pid, log_path)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -220,31 +216,37 @@ async def main() -> None:
 
 
 async def run_phases(
-    args: argparse.Namespace,
-    upstreams: dict[str, int],
-    relay_ports: dict[int, int],
-    keel_port: int,
-    keel_pid: int,
-    log_path: Path,
+    args: argparse.Namespace, upstream_port: int, relay_port: int, keel_port: int, keel_pid: int, log_path: Path
 ) -> None:
     messages = [
         {"role": "system", "content": "You are a phone expert."},
         {"role": "user", "content": "Which phone has the biggest battery in 2024?"},
     ]
     keel_url = f"http://127.0.0.1:{keel_port}/v1/chat/completions"
+    direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    relay_url = f"http://127.0.0.1:{relay_port}/v1/chat/completions"
+
+    def bodies(model: str, delays: Sequence[float]) -> list[bytes]:
+        return [
+            orjson.dumps({"model": model, "messages": messages, "metadata": {"fake_delay_s": f"{d:.6f}"}})
+            for d in delays
+        ]
+
     print(
         f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; concurrency {args.concurrency}; "
         f"fake upstream answers in {args.delay_ms:g} ms (jittered: ± {args.jitter_ms:g} ms)"
         + ("; Keel pinned to its own core" if args.pin else "; Keel shares the cores with the load and the fakes")
     )
-    for name, port in upstreams.items():
-        direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        relay_url = f"http://127.0.0.1:{relay_ports[port]}/v1/chat/completions"
-        direct_body = orjson.dumps({"model": "m", "messages": messages})
-        keel_body = orjson.dumps({"model": "bench" if name == "lock-step" else name, "messages": messages})
-        await load(keel_url, keel_body, 500, args.concurrency)  # warm-up: connections, caches, lazy paths
-        await load(direct_url, direct_body, 500, args.concurrency)
-        await load(relay_url, direct_body, 500, args.concurrency)
+    for name, jitter_ms in (("jittered", args.jitter_ms), ("lock-step", 0.0)):
+        rng = random.Random(1)
+
+        def delays(n: int, jitter_ms: float = jitter_ms, rng: random.Random = rng) -> list[float]:
+            return [max(0.0, args.delay_ms + rng.uniform(-jitter_ms, jitter_ms)) / 1000 for _ in range(n)]
+
+        warm = delays(500)  # warm-up: connections, caches, lazy paths
+        await load(keel_url, bodies("bench", warm), args.concurrency)
+        await load(direct_url, bodies("m", warm), args.concurrency)
+        await load(relay_url, bodies("m", warm), args.concurrency)
         direct: list[float] = []
         via: list[float] = []
         relayed: list[float] = []
@@ -252,9 +254,10 @@ async def run_phases(
         log_start = await asyncio.to_thread(os.path.getsize, log_path)
         print(f"\n{name} upstream")
         for r in range(args.rounds):
-            d = await load(direct_url, direct_body, args.requests, args.concurrency)
-            k = await load(keel_url, keel_body, args.requests, args.concurrency)
-            t = await load(relay_url, direct_body, args.requests, args.concurrency)
+            same = delays(args.requests)  # the same delays, in the same order, for each target of the round
+            d = await load(direct_url, bodies("m", same), args.concurrency)
+            k = await load(keel_url, bodies("bench", same), args.concurrency)
+            t = await load(relay_url, bodies("m", same), args.concurrency)
             direct += d
             via += k
             relayed += t
@@ -276,7 +279,7 @@ async def run_phases(
                 + ("   (Keel)" if values is via else "   (a bare TCP relay: two extra hops, no HTTP: the floor)")
             )
         await asyncio.sleep(0.5)
-        inside = await asyncio.to_thread(keel_own_ms, log_path, log_start, "bench" if name == "lock-step" else name)
+        inside = await asyncio.to_thread(keel_own_ms, log_path, log_start, "bench")
         print(
             f"{'in Keel':>12} {pct(inside, 50):8.2f} {pct(inside, 90):8.2f} {pct(inside, 99):8.2f} "
             f"{statistics.fmean(inside):8.2f}   (its own time per request, from its log: total minus upstream calls)"
@@ -285,7 +288,7 @@ async def run_phases(
     if args.soak:
         fast_body = orjson.dumps({"model": "fast", "messages": messages, "stream": args.stream})
         step = max(1, args.soak // 10)
-        await load(keel_url, fast_body, 2000, args.concurrency)
+        await load(keel_url, [fast_body] * 2000, args.concurrency)
         base = rss_kib(keel_pid)
         metrics_before = await scrape(f"http://127.0.0.1:{keel_port}/metrics")
         kind = "streamed" if args.stream else "non-streaming"
@@ -296,7 +299,7 @@ async def run_phases(
         cpu0 = cpu_s(keel_pid)
         samples = []
         while done < args.soak:
-            await load(keel_url, fast_body, step, args.concurrency)
+            await load(keel_url, [fast_body] * step, args.concurrency)
             done += step
             samples.append(rss_kib(keel_pid))
             print(f"  {done:>7} requests: {samples[-1] / 1024:.1f}  ({done / (time.perf_counter() - t0):.0f} req/s)")

@@ -45,7 +45,7 @@ class RequestContext:
     body: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
-    ended: float | None = None  # set when the work is over before finish() runs (a side call)
+    ended: float | None = None  # when the work was over, if before the log line is written (side calls, finish)
 
     authorization: str | None = None
     principal: Principal | None = None

@@ -320,6 +320,24 @@ def test_jittered_delays_spread_around_the_default() -> None:
     assert scripted < 0.01 + min(times)
 
 
+def test_a_request_may_choose_its_delay() -> None:
+    """``metadata.fake_delay_s`` overrides the server's delay (jitter included), not a scripted step's; a value that
+    is not a sane number of seconds is ignored."""
+    with FakeUpstreamThread(delay_s=0.3, delay_jitter_s=0.1, record=False) as upstream:
+        client = openai.OpenAI(base_url=f"{upstream.base_url}/v1", api_key="k", max_retries=0)
+
+        def timed(delay: str, **kw: Any) -> float:
+            t0 = time.perf_counter()
+            client.chat.completions.create(model="m", messages=USER, metadata={"fake_delay_s": delay}, **kw)
+            return time.perf_counter() - t0
+
+        assert timed("0.001") < 0.15
+        assert 0.12 <= timed("0.12") < 0.19
+        assert timed("nan") >= 0.2 and timed("-1") >= 0.2  # ignored: the server's delay
+        upstream.script({"delay_s": 0.25})
+        assert timed("0") >= 0.25
+
+
 async def test_client_disconnect_mid_stream_cancels(fake: FakeUpstream, http: aiohttp.ClientSession) -> None:
     fake.script({"chunk_delay_s": 0.5})
     body = {"model": "m", "messages": USER, "stream": True}

@@ -3,7 +3,11 @@ one, the ``x-keel-*`` headers it yields, and ending it (priced result, error, cl
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from starlette.responses import Response
@@ -13,9 +17,11 @@ from keel.api.incoming import Incoming
 from keel.api.state import AppState
 from keel.context import RequestContext
 from keel.errors import KeelError
-from keel.pipeline.accounting import cost_header, record_request
+from keel.pipeline.accounting import Accounting, cost_header, record_request
 
 __all__ = ["SSE_HEADERS", "closed", "fail", "keel_headers", "new_context", "price_result"]
+
+log = logging.getLogger("keel.pipeline")
 
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
@@ -24,9 +30,33 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 def new_context(request: Incoming, route: str) -> RequestContext:
     """A context whose completion records the ledger row, the log line and the metrics."""
     ctx = RequestContext(request_id=request.request_id, route=route, authorization=request.header("authorization"))
-    ctx.defer(record_request)
-    ctx.defer(request.state.accounting.record)
+    ctx.defer(_record_soon(request.state.accounting))
     return ctx
+
+
+def _record_soon(accounting: Accounting) -> Callable[[RequestContext], None]:
+    """The ledger row, log line and metrics, run on the loop's next turn: after the response has gone out, since a
+    client waiting for it needs none of them (budgets and limits settle before, in the admission stage's hook)."""
+
+    def record(ctx: RequestContext) -> None:
+        try:
+            accounting.record(ctx)
+        finally:
+            record_request(ctx)
+
+    def hook(ctx: RequestContext) -> None:
+        if ctx.ended is None:  # the request's latency ends here, not when the recording runs
+            ctx.ended = time.perf_counter()
+        asyncio.get_running_loop().call_soon(_guarded, record, ctx)
+
+    return hook
+
+
+def _guarded(fn: Callable[[RequestContext], None], ctx: RequestContext) -> None:
+    try:
+        fn(ctx)
+    except Exception:
+        log.exception("recording request %s failed", ctx.request_id)
 
 
 def keel_headers(ctx: RequestContext) -> dict[str, str]:

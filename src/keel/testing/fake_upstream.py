@@ -46,6 +46,10 @@ A step is a dict combining these keys:
 - ``headers: {name: value}``: add these headers to the response (any status, streams too), e.g. ``Set-Cookie``.
 - ``times: int``: queue the step this many times (default 1).
 
+A request may also choose its own delay: ``"metadata": {"fake_delay_s": "0.042"}`` (OpenAI's ``metadata`` field, so
+a gateway passes it on) overrides the server's default delay, not a scripted step's. Benchmarks use it to send the
+same sequence of delays straight to the fake and through a proxy.
+
 For example ``fake.script({"status": 429, "retry_after": 0.5}, {"content": "ok"}, model="gpt-4o")`` rate-limits the
 next ``gpt-4o`` request and answers the one after it with ``ok``.
 
@@ -154,6 +158,16 @@ class _Step:
 
 
 _DEFAULT_STEP: Final = _Step()
+
+
+def _asked_delay(body: dict[str, Any]) -> float | None:
+    metadata = body.get("metadata")
+    raw = metadata.get("fake_delay_s") if isinstance(metadata, dict) else None
+    try:
+        delay = float(raw) if isinstance(raw, str | int | float) else None
+    except ValueError:
+        return None
+    return delay if delay is not None and 0 <= delay <= 60 else None
 
 
 def _opt_float(raw: Mapping[str, Any], key: str) -> float | None:
@@ -730,6 +744,8 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         if step.delay_s is not None:
             delay = step.delay_s
+        elif (asked := _asked_delay(body)) is not None:
+            delay = asked
         elif self.delay_jitter_s:
             delay = max(0.0, self._rng.uniform(self.delay_s - self.delay_jitter_s, self.delay_s + self.delay_jitter_s))
         else:
