@@ -7,7 +7,8 @@ load straight to the fake and through Keel, and prints Keel's added p50 and, per
 - ``parsed -> app``: the protocol has the whole request; the hot route's task starts on it (the loop's queue);
 - ``app -> upstream write``: auth, reading and validating the body, the pipeline, building the upstream request;
 - ``upstream head -> body``, ``body -> finish``: reading and pricing the answer;
-- ``finish``: settlement, ledger row, log line and metrics (``record_request``: log line and metrics);
+- ``finish``: settlement of budgets and limits; ``record_request`` (log line and metrics) runs on the loop's next turn,
+  after the write, with the ledger row;
 - ``finish -> write``, ``write -> flush``: building the response, and writing its head and body to the socket.
 
 The wrapping patches Keel's internals (``keel.llm.client``, ``keel.api.protocol``, ``RequestContext.finish``):
