@@ -265,6 +265,8 @@ async def test_health_ready_metrics(keel: Keel, fake: FakeUpstreamThread) -> Non
     assert 'keel_requests_total{model="unknown",route="openai.chat",status="404"}' in text
     assert 'keel_upstream_attempts_total{deployment="smart",outcome="upstream_rejected"} 3.0' in text
     assert 'keel_upstream_attempts_total{deployment="smart",outcome="ok"}' in text
+    assert 'keel_tokens_total{kind="prompt",model="smart"}' in text
+    assert 'keel_tokens_total{kind="completion",model="smart"}' in text
     assert "made-up" not in text
     assert "keel_overhead_seconds_bucket" in text
     pauses = [line for line in text.splitlines() if line.startswith('keel_gc_pause_seconds_count{generation="2"}')]

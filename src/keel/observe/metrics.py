@@ -92,14 +92,24 @@ def observe_request(ctx: RequestContext, total_ms: float) -> None:
     if ctx.ttft_ms is not None:
         TTFT.labels(model).observe(ctx.ttft_ms / 1000)
     for a in ctx.attempts:
-        ATTEMPTS.labels(a.deployment, a.outcome if a.outcome in _OUTCOMES else "upstream_rejected").inc()
+        outcome = a.outcome if a.outcome in _OUTCOMES else "upstream_rejected"
+        attempts = _attempt_children.get((a.deployment, outcome))
+        if attempts is None:
+            attempts = _attempt_children[(a.deployment, outcome)] = ATTEMPTS.labels(a.deployment, outcome)
+        attempts.inc()
     if ctx.usage:
-        for kind in ("prompt_tokens", "completion_tokens"):
-            n = ctx.usage.get(kind)
+        for kind in ("prompt", "completion"):
+            n = ctx.usage.get(kind + "_tokens")
             if isinstance(n, int) and n > 0:
-                TOKENS.labels(model, kind.removesuffix("_tokens")).inc(n)
+                tokens = _token_children.get((model, kind))
+                if tokens is None:
+                    tokens = _token_children[(model, kind)] = TOKENS.labels(model, kind)
+                tokens.inc(n)
 
 
+# Bounded: deployments come from the config, outcomes from _OUTCOMES, models from the config (else "unknown").
+_attempt_children: dict[tuple[str, str], Any] = {}
+_token_children: dict[tuple[str, str], Any] = {}
 _guard_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
