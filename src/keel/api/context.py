@@ -7,7 +7,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from starlette.responses import Response
@@ -30,33 +29,26 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 def new_context(request: Incoming, route: str) -> RequestContext:
     """A context whose completion records the ledger row, the log line and the metrics."""
     ctx = RequestContext(request_id=request.request_id, route=route, authorization=request.header("authorization"))
-    ctx.defer(_record_soon(request.state.accounting))
+    accounting = request.state.accounting
+    ctx.defer(lambda c: _record_soon(accounting, c))
     return ctx
 
 
-def _record_soon(accounting: Accounting) -> Callable[[RequestContext], None]:
-    """The ledger row, log line and metrics, run on the loop's next turn: after the response has gone out, since a
-    client waiting for it needs none of them (budgets and limits settle before, in the admission stage's hook)."""
+def _record_soon(accounting: Accounting, ctx: RequestContext) -> None:
+    """Record the request on the loop's next turn: after the response has gone out, since a client waiting for it
+    needs none of it (budgets and limits settle before, in the admission stage's hook)."""
+    if ctx.ended is None:  # the request's latency ends here, not when the recording runs
+        ctx.ended = time.perf_counter()
+    asyncio.get_running_loop().call_soon(_record, accounting, ctx)
 
-    def record(ctx: RequestContext) -> None:
+
+def _record(accounting: Accounting, ctx: RequestContext) -> None:
+    """The ledger row, then the log line and metrics; a failure of either is logged and spares the other."""
+    for record in (accounting.record, record_request):
         try:
-            accounting.record(ctx)
-        finally:
-            record_request(ctx)
-
-    def hook(ctx: RequestContext) -> None:
-        if ctx.ended is None:  # the request's latency ends here, not when the recording runs
-            ctx.ended = time.perf_counter()
-        asyncio.get_running_loop().call_soon(_guarded, record, ctx)
-
-    return hook
-
-
-def _guarded(fn: Callable[[RequestContext], None], ctx: RequestContext) -> None:
-    try:
-        fn(ctx)
-    except Exception:
-        log.exception("recording request %s failed", ctx.request_id)
+            record(ctx)
+        except Exception:
+            log.exception("recording request %s failed", ctx.request_id)
 
 
 def keel_headers(ctx: RequestContext) -> dict[str, str]:
@@ -65,7 +57,6 @@ def keel_headers(ctx: RequestContext) -> dict[str, str]:
     headers = {"x-keel-model": model if _PRINTABLE.fullmatch(model) else "", **ctx.response_headers}
     if ctx.deployment:
         headers["x-keel-cost-usd"] = cost_header(ctx)
-    if ctx.deployment:
         headers["x-keel-deployment"] = ctx.deployment
     headers["x-keel-attempts"] = str(len(ctx.attempts))
     if ctx.fallback_from:

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import os
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, Awaitable
 from typing import Any, TypeVar
 
 import orjson
@@ -21,12 +21,11 @@ __all__ = [
     "ClientClosed",
     "RequestIdMiddleware",
     "assign_request_id",
+    "bounded_json",
     "error_response",
     "internal_error",
     "json_response",
-    "parse_json",
     "read_json",
-    "too_large",
     "until_disconnect",
 ]
 
@@ -52,21 +51,22 @@ def error_response(error: KeelError, headers: dict[str, str] | None = None) -> R
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The body parsed as JSON; 413 past ``max_bytes`` (checked while reading, not after), 400 when malformed."""
-    declared = request.headers.get("content-length")
+    return await bounded_json(request.headers.get("content-length"), request.stream(), max_bytes)
+
+
+async def bounded_json(declared: str | None, chunks: AsyncIterable[bytes], max_bytes: int) -> Any:
+    """A body read from ``chunks`` and parsed as JSON: 413 when the ``declared`` Content-Length or the bytes read
+    pass ``max_bytes`` (checked while reading, not after), 400 when empty or malformed."""
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large(max_bytes)
-    chunks = []
+        raise _too_large(max_bytes)
+    parts = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         size += len(chunk)
         if size > max_bytes:
-            raise too_large(max_bytes)
-        chunks.append(chunk)
-    return parse_json(b"".join(chunks))
-
-
-def parse_json(raw: bytes) -> Any:
-    """A whole request body parsed as JSON; 400 when empty or malformed."""
+            raise _too_large(max_bytes)
+        parts.append(chunk)
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
@@ -82,7 +82,7 @@ def internal_error(request_id: str) -> Response:
     return error_response(KeelError(f"Internal error; the request id {request_id} identifies it in the server logs."))
 
 
-def too_large(max_bytes: int) -> InvalidRequest:
+def _too_large(max_bytes: int) -> InvalidRequest:
     return InvalidRequest(
         f"The request body is larger than {max_bytes} bytes (server.max_body_bytes).",
         code="request_too_large",

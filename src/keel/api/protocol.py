@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
@@ -34,7 +34,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from keel.api.http import ClientClosed, assign_request_id, internal_error, parse_json, too_large
+from keel.api.http import ClientClosed, assign_request_id, bounded_json, internal_error
 
 if TYPE_CHECKING:
     from keel.api.incoming import Handler
@@ -119,23 +119,16 @@ class HotCycle(RequestResponseCycle):
         return self._headers.get(name)
 
     async def json(self) -> Any:
-        max_bytes = self.state.config.server.max_body_bytes
-        declared = self.header("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise too_large(max_bytes)
-        chunks = []
-        size = 0
+        return await bounded_json(self.header("content-length"), self._body(), self.state.config.server.max_body_bytes)
+
+    async def _body(self) -> AsyncIterator[bytes]:
         while True:
             message: Any = await self.receive()
             if message["type"] == "http.disconnect":
                 raise ClientClosed()
-            body = message["body"]
-            size += len(body)
-            if size > max_bytes:
-                raise too_large(max_bytes)
-            chunks.append(body)
+            yield message["body"]
             if not message["more_body"]:
-                return parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                return
 
     async def until_disconnect(self, aw: Awaitable[T]) -> T:
         # No watcher task: the protocol's connection_lost calls client_gone(), which cancels the awaiting task.
@@ -225,13 +218,14 @@ class KeelHttpProtocol(HttpToolsProtocol):
         self._starlette, self._hot = _hot_routes(self.app)
 
     def on_headers_complete(self) -> None:
-        handler = self._hot.get((self.parser.get_method(), self.url)) if self._hot else None
+        method = self.parser.get_method()
+        handler = self._hot.get((method, self.url)) if self._hot else None
         if handler is None or self.root_path or self.limit_concurrency is not None or self.parser.should_upgrade():
             super().on_headers_complete()
             return
         assert self._starlette is not None
         scope = self.scope
-        scope["method"] = self.parser.get_method().decode("ascii")
+        scope["method"] = method.decode("ascii")
         http_version = self.parser.get_http_version()
         if http_version != "1.1":
             scope["http_version"] = http_version

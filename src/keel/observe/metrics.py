@@ -92,24 +92,26 @@ def observe_request(ctx: RequestContext, total_ms: float) -> None:
     if ctx.ttft_ms is not None:
         TTFT.labels(model).observe(ctx.ttft_ms / 1000)
     for a in ctx.attempts:
-        outcome = a.outcome if a.outcome in _OUTCOMES else "upstream_rejected"
-        attempts = _attempt_children.get((a.deployment, outcome))
-        if attempts is None:
-            attempts = _attempt_children[(a.deployment, outcome)] = ATTEMPTS.labels(a.deployment, outcome)
-        attempts.inc()
+        _child(ATTEMPTS, a.deployment, a.outcome if a.outcome in _OUTCOMES else "upstream_rejected").inc()
     if ctx.usage:
         for kind in ("prompt", "completion"):
             n = ctx.usage.get(kind + "_tokens")
             if isinstance(n, int) and n > 0:
-                tokens = _token_children.get((model, kind))
-                if tokens is None:
-                    tokens = _token_children[(model, kind)] = TOKENS.labels(model, kind)
-                tokens.inc(n)
+                _child(TOKENS, model, kind).inc(n)
 
 
 # Bounded: deployments come from the config, outcomes from _OUTCOMES, models from the config (else "unknown").
-_attempt_children: dict[tuple[str, str], Any] = {}
-_token_children: dict[tuple[str, str], Any] = {}
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: labels() costs more than the observation itself."""
+    child = _children.get((metric, labels))
+    if child is None:
+        child = _children[(metric, labels)] = metric.labels(*labels)
+    return child
+
+
 _guard_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
